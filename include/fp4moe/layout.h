@@ -1,0 +1,116 @@
+// The library's packed weight layout, shared by the host (sizing, prepack) and the kernels
+// (indexing), so the two cannot drift apart.
+//
+// A weight matrix [N, K] of one expert is cut into m-tiles of 16 rows and k-tiles of 64 columns.
+// One (m-tile, k-tile) is 512 bytes: lane l = 4 * g + q of a warp owns 16 bytes at l * 16 holding
+// packed rows g and g + 8, columns [16 q, 16 q + 16) of the k-tile, which is exactly what the lane needs
+// for four mma.m16n8k16 steps after permuting K (see kernels/decode/fragments.cuh). Word j of the
+// 16 bytes carries columns 16 q + 4 j + {0..3}; inside the word, pair p = 0..3 sits in nibbles
+// [12 - 4p, 16 - 4p) (low element) and [28 - 4p, 32 - 4p) (high element):
+//   p = 0: row g,     columns +0, +1      p = 1: row g + 8, columns +0, +1
+//   p = 2: row g,     columns +2, +3      p = 3: row g + 8, columns +2, +3
+// Block scales of the same tile: 64 bytes, lane l owns bytes 2l (row g) and 2l + 1 (row g + 8), the
+// scale of its 16 columns, re-encoded so that a bf16 multiplier is one shift and add away:
+//   nvfp4: S = e4m3 * 2^119 as bf16; byte = ((exponent - 230) << 3) | mantissa3, bf16 bits = (b << 4) + 0x7300
+//   mxfp4: S = 2^(s - 127 + c) with a per-matrix offset c; byte = s + c, bf16 bits = b << 7
+// Weight nibbles sit in bf16 as e2m1 * 2^-126 (exponent bits only), so S * w = e2m1 * scale * 2^-7
+// (nvfp4) or e2m1 * scale * 2^(c - 126) (mxfp4); the per-matrix factor that undoes it is folded into
+// the fp32 epilogue scale (MatrixScales).
+// Tiles are ordered expert -> m-tile -> k-tile, so a warp streaming a k-range reads contiguous bytes.
+// Rows and columns past N, K are zero. For gated activations W13 m-tile 2b + h holds gate rows
+// i = 16 b + 8 h + {0..7} as packed rows 0..7 and the matching up rows as packed rows 8..15, so gate
+// and up of one i land in the same thread of the mma result.
+#pragma once
+#include <cstdint>
+
+#include "fp4moe/types.h"
+
+#if defined(__CUDACC__)
+#define FP4MOE_HD __host__ __device__ __forceinline__
+#else
+#define FP4MOE_HD inline
+#endif
+
+namespace fp4moe {
+
+constexpr int kTileRows = 16;
+constexpr int kTileCols = 64;
+constexpr int kTileBytes = kTileRows * kTileCols / 2;  // 512
+constexpr int kTileScaleBytes = 64;
+constexpr int kTokenChunk = 64;  // tokens per launch of the decode kernel
+
+FP4MOE_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Per-expert fp32 factors applied in the epilogue.
+struct MatrixScales {
+  float gate;  // W13 gate half (or the whole W1 when non-gated)
+  float up;    // W13 up half
+  float down;  // W2
+  float in13;  // W4A4: input_scale of GEMM1 (decode direction)
+  float in2;   // W4A4: input_scale of GEMM2
+  float pad[3];
+};
+
+struct PackedLayout {
+  int hidden = 0, intermediate = 0, experts = 0;
+  Format format = Format::nvfp4;
+  bool gated = true, has_bias = false;
+
+  int i_blocks = 0;   // ceil(I / 16): GEMM1 tasks per expert
+  int m_tiles13 = 0;  // 2 * i_blocks (gated) or i_blocks
+  int k_tiles13 = 0;  // ceil(H / 64)
+  int m_tiles2 = 0;   // ceil(H / 16)
+  int k_tiles2 = 0;   // ceil(I / 64)
+  int i_pad = 0;      // 64 * k_tiles2: row stride of the intermediate activations
+
+  int64_t w13_off = 0, s13_off = 0, w2_off = 0, s2_off = 0, scales_off = 0, b13_off = 0, b2_off = 0;
+  int64_t total_bytes = 0;
+
+  FP4MOE_HD int64_t w13_expert_bytes() const { return int64_t(m_tiles13) * k_tiles13 * kTileBytes; }
+  FP4MOE_HD int64_t w2_expert_bytes() const { return int64_t(m_tiles2) * k_tiles2 * kTileBytes; }
+  FP4MOE_HD int64_t s13_expert_bytes() const { return int64_t(m_tiles13) * k_tiles13 * kTileScaleBytes; }
+  FP4MOE_HD int64_t s2_expert_bytes() const { return int64_t(m_tiles2) * k_tiles2 * kTileScaleBytes; }
+  // b13: [E][2][16 * i_blocks] (gate then up; only the first half when non-gated); b2: [E][H]
+  FP4MOE_HD int64_t b13_expert_floats() const { return 2 * 16 * int64_t(i_blocks); }
+
+  static FP4MOE_HD PackedLayout make(int hidden, int intermediate, int experts, Format format,
+                                     bool gated, bool has_bias) {
+    PackedLayout l;
+    l.hidden = hidden;
+    l.intermediate = intermediate;
+    l.experts = experts;
+    l.format = format;
+    l.gated = gated;
+    l.has_bias = has_bias;
+    l.i_blocks = int(ceil_div(intermediate, 16));
+    l.m_tiles13 = gated ? 2 * l.i_blocks : l.i_blocks;
+    l.k_tiles13 = int(ceil_div(hidden, kTileCols));
+    l.m_tiles2 = int(ceil_div(hidden, kTileRows));
+    l.k_tiles2 = int(ceil_div(intermediate, kTileCols));
+    l.i_pad = l.k_tiles2 * kTileCols;
+    auto align = [](int64_t v) { return (v + 255) / 256 * 256; };
+    int64_t off = 0;
+    l.w13_off = off; off = align(off + experts * l.w13_expert_bytes());
+    l.s13_off = off; off = align(off + experts * l.s13_expert_bytes());
+    l.w2_off = off;  off = align(off + experts * l.w2_expert_bytes());
+    l.s2_off = off;  off = align(off + experts * l.s2_expert_bytes());
+    l.scales_off = off; off = align(off + experts * int64_t(sizeof(MatrixScales)));
+    l.b13_off = off; off = align(off + (has_bias ? experts * l.b13_expert_floats() * 4 : 0));
+    l.b2_off = off;  off = align(off + (has_bias ? int64_t(experts) * hidden * 4 : 0));
+    l.total_bytes = off;
+    return l;
+  }
+
+  // FP4 weight + scale (+ bias) bytes of one expert as a checkpoint stores them: the least a layer
+  // touching that expert must read.
+  FP4MOE_HD int64_t checkpoint_bytes_per_expert() const {
+    int blk = format == Format::nvfp4 ? 16 : 32;
+    int64_t rows13 = gated ? 2 * int64_t(intermediate) : intermediate;
+    int64_t e13 = rows13 * hidden, e2 = int64_t(hidden) * intermediate;
+    int64_t b = (e13 + e2) / 2 + (e13 + e2) / blk;
+    if (has_bias) b += 2 * (rows13 + hidden);  // bf16 biases
+    return b;
+  }
+};
+
+}  // namespace fp4moe

@@ -1,0 +1,81 @@
+// The GPU path: prepack standard-layout weights into the kernel layout, upload them, size the
+// workspace, and run a layer on a CUDA stream. The run call allocates nothing, never synchronizes
+// and reads no device data on the host, so it can be captured in a CUDA graph.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fp4moe/layout.h"
+#include "fp4moe/problem.h"
+#include "fp4moe/weights.h"
+
+namespace fp4moe {
+
+// Weights in the packed kernel layout, on the host.
+struct PackedWeights {
+  PackedLayout layout;
+  std::vector<uint8_t> bytes;  // layout.total_bytes
+};
+
+// Converts the local experts of `w` into the packed layout; validates everything first.
+PackedWeights prepack(const MoeProblem& p, const MoeWeights& w);
+
+// Packed weights in device memory. Owns the allocation (cudaFree on destruction).
+class DeviceWeights {
+ public:
+  DeviceWeights() = default;
+  DeviceWeights(const PackedWeights& host, cudaStream_t stream = nullptr);
+  ~DeviceWeights();
+  DeviceWeights(DeviceWeights&&) noexcept;
+  DeviceWeights& operator=(DeviceWeights&&) noexcept;
+  DeviceWeights(const DeviceWeights&) = delete;
+  DeviceWeights& operator=(const DeviceWeights&) = delete;
+
+  const PackedLayout& layout() const { return layout_; }
+  const uint8_t* data() const { return data_; }
+
+ private:
+  PackedLayout layout_;
+  uint8_t* data_ = nullptr;
+};
+
+// Device pointers of one call. x and out are [T, H] bf16, row-major, 16-byte aligned rows.
+struct DeviceInputs {
+  const void* x = nullptr;
+  const void* logits = nullptr;         // [T, E] (routing.logits_dtype) unless precomputed
+  const float* router_bias = nullptr;   // [E] when routing.has_bias
+  const int32_t* topk_ids = nullptr;    // [T, k] for RoutingMethod::precomputed
+  const float* topk_weights = nullptr;  // [T, k]
+  void* out = nullptr;                  // [T, H] bf16, every element written
+};
+
+// The chosen configuration of a call: printable, decided once per problem shape.
+struct Plan {
+  int sms = 0;               // multiprocessors of the device
+  int blocks = 0;            // persistent grid size
+  int threads = 0;           // threads per block
+  int team_warps1 = 0;       // warps that split K of one GEMM1 task
+  int team_warps2 = 0;       // warps that split K of one GEMM2 task
+  int64_t chunks = 0;        // launches (token chunks of kTokenChunk)
+  size_t smem_bytes = 0;     // dynamic shared memory per block
+  std::string to_string() const;
+};
+
+// Workspace bytes a call with this problem needs (0 for T = 0).
+size_t workspace_size(const MoeProblem& p);
+// The plan `run` would use on the current device. FP4MOE_LOG_PLAN=1 prints each new plan once.
+Plan make_plan(const MoeProblem& p);
+
+// Runs the layer. Validates the problem, pointers (non-null, alignment), the weights' layout against
+// the problem and the device (sm_90) before anything launches; throws fp4moe::Error otherwise.
+void run(const MoeProblem& p, const DeviceWeights& w, const DeviceInputs& in, void* workspace,
+         size_t workspace_bytes, cudaStream_t stream);
+
+// True when a CUDA device of compute capability 9.x is present (the GPU path needs sm_90a).
+bool gpu_available(std::string* why = nullptr);
+
+}  // namespace fp4moe
