@@ -1,0 +1,110 @@
+// Register-level building blocks of the decode kernels: FP4 -> bf16 dequantization into
+// mma.m16n8k16 A fragments, the block-scale multiplier, and the mma itself.
+//
+// NOTES: the packed layout (include/fp4moe/layout.h) permutes K inside a 64-column tile so that lane
+// (g = lane / 4, q = lane % 4) needs columns [16q, 16q + 16) of rows g and g + 8: one 16-byte load of
+// weights, one scale per row, and 32 contiguous bytes of each activation row. Step j of the four
+// mma steps of a tile treats columns 16q + 4j + {0, 1} as mma rows 2q + {0, 1} of K and
+// 16q + 4j + {2, 3} as 2q + 8 + {0, 1}; the activations (B) use the same map, so the product is the
+// plain dot product.
+#pragma once
+#include <cuda_bf16.h>
+#include <cstdint>
+
+#include "fp4moe/types.h"
+
+namespace fp4moe::kernels {
+
+// Pair p of a packed word as a bf16x2 holding e2m1 * 2^-126 (exponent and mantissa bits placed
+// directly: exact, including the e2m1 subnormal 0.5).
+template <int P>
+__device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
+  const uint32_t t = w << (4 * P);
+  return (t & 0x80008000u) | ((t & 0x70007000u) >> 6);
+}
+
+// bf16 block-scale multiplier (both halves equal) from a packed scale byte.
+template <Format F>
+__device__ __forceinline__ uint32_t scale_pair(uint32_t byte) {
+  uint32_t bits;
+  if constexpr (F == Format::nvfp4) {
+    bits = (byte << 4) + 0x7300u;  // e4m3 * 2^119
+  } else {
+    bits = byte << 7;  // 2^(s - 127 + c)
+  }
+  return bits | (bits << 16);
+}
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// A fragment of step j from the packed word: a0 (row g, k 2q..), a1 (row g+8), a2 (row g, k 2q+8..),
+// a3 (row g+8, k 2q+8..), each multiplied by its row's scale.
+__device__ __forceinline__ void dequant_word(uint32_t w, uint32_t s_lo, uint32_t s_hi, uint32_t a[4]) {
+  a[0] = bf16x2_mul(e2m1_pair<0>(w), s_lo);
+  a[1] = bf16x2_mul(e2m1_pair<1>(w), s_hi);
+  a[2] = bf16x2_mul(e2m1_pair<2>(w), s_lo);
+  a[3] = bf16x2_mul(e2m1_pair<3>(w), s_hi);
+}
+
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 ldg_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t ldg_u16(const void* p) {
+  unsigned short v;
+  asm volatile("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint4 ldg_cached(const void* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+// ---- NVFP4 activation quantization (W4A4), ModelOpt recipe --------------------------------------
+__device__ __forceinline__ float e2m1_round(float v) {
+  const float a = fabsf(v);
+  float r;
+  if (a <= 0.25f) r = 0.0f;
+  else if (a < 0.75f) r = 0.5f;
+  else if (a <= 1.25f) r = 1.0f;
+  else if (a < 1.75f) r = 1.5f;
+  else if (a <= 2.5f) r = 2.0f;
+  else if (a < 3.5f) r = 3.0f;
+  else if (a <= 5.0f) r = 4.0f;
+  else r = 6.0f;
+  return copysignf(r, v);
+}
+
+__device__ __forceinline__ float e4m3_round(float v) {
+  unsigned short packed;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(0.0f), "f"(v));
+  __half2_raw h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(*reinterpret_cast<uint32_t*>(&h)) : "h"(packed));
+  return __half2float(__half(__half_raw{h.x}));
+}
+
+// Block scale of 16 values with amax `amax` and global scale g (decode direction).
+__device__ __forceinline__ float nvfp4_block_scale(float amax, float g) {
+  if (amax == 0.0f) return 1.0f;
+  float s = amax / (6.0f * g);
+  s = fmaxf(s, 0.001953125f);  // 2^-9
+  return e4m3_round(s);
+}
+
+}  // namespace fp4moe::kernels

@@ -1,0 +1,532 @@
+// The decode kernel: one persistent cooperative launch per chunk of up to kTokenChunk tokens.
+//
+//   phase 0  routing (one warp per token), unless the caller passed top-k ids; grid sync
+//   lists    every block sorts the chunk's slots by local expert in shared memory (deterministic)
+//   phase 1  GEMM1 + activation: task = (active expert, 16 intermediate rows); a team of warps
+//            splits K = H, reduces in shared memory, applies scales, bias, activation, writes `act`
+//   grid sync
+//   phase 2  GEMM2 + finalize: task = 16 rows of H; the team's warps split K = I, loop over the active
+//            experts in id order, and accumulate w * y per token in private shared memory; the team
+//            then sums the warps in order, adds the biases and writes each output element once.
+//
+// Every output element is written exactly once, without atomics, and a token's result depends only on
+// its own experts (fixed K split, experts in id order): runs are bitwise reproducible and batch
+// invariant. Weights stream through 16-byte non-caching loads, four k-tiles ahead.
+#pragma once
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+
+#include "kernels/decode/fragments.cuh"
+#include "kernels/decode/params.h"
+#include "kernels/decode/routing.cuh"
+
+namespace fp4moe::kernels {
+
+constexpr int kPrefetch = 4;   // k-tiles of weights in flight per warp
+constexpr int kGroups = 2;     // token groups of 8 per pass over an expert's weights
+
+struct Lists {
+  int* cnt;     // [num_local] slots per local expert
+  int* start;   // [num_local] first position in `slots`
+  int* active;  // [n_active] local experts with slots, increasing
+  int* slots;   // [T * k] slot indices (t * k + j) sorted by expert, then slot
+  int* rows;    // [n_rows] GEMM2 work rows: (local expert << 8) | first slot of a pass of 8 * kGroups
+  int n_active, n_rows;
+};
+
+__device__ __forceinline__ void team_sync(int team, int team_warps) {
+  if (team_warps == kDecodeWarps) {
+    __syncthreads();
+  } else if (team_warps > 1) {
+    asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(team_warps * 32) : "memory");
+  } else {
+    __syncwarp();
+  }
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// W4A4: quantize-dequantize the lane's 16 activations (one NVFP4 block) in place, leaving
+// e2m1 * e4m3 (exact in bf16); the global scale g is applied in the epilogue.
+__device__ __forceinline__ void fake_quant_block(uint4 (&v)[2], float g) {
+  float f[16];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    uint32_t w = word(v[i / 4], i % 4);
+    f[2 * i] = __uint_as_float(w << 16);
+    f[2 * i + 1] = __uint_as_float(w & 0xffff0000u);
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
+  const float s = nvfp4_block_scale(amax, g);
+  const float denom = s * g;
+  uint32_t o[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(e2m1_round(f[2 * i] / denom) * s,
+                                             e2m1_round(f[2 * i + 1] / denom) * s);
+    o[i] = *reinterpret_cast<uint32_t*>(&h);
+  }
+  v[0] = make_uint4(o[0], o[1], o[2], o[3]);
+  v[1] = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
+__device__ __forceinline__ float activation(const DecodeParams& p, float gate, float up) {
+  switch (p.act_kind) {
+    case Activation::swiglu: return gate / (1.0f + expf(-gate)) * up;
+    case Activation::swiglu_oai: {
+      float g = fminf(gate, p.limit);
+      float u = fminf(fmaxf(up, -p.limit), p.limit);
+      return (u + 1.0f) * g / (1.0f + expf(-p.alpha * g));
+    }
+    case Activation::relu2: {
+      float r = fmaxf(up, 0.0f);
+      return r * r;
+    }
+    case Activation::geglu_tanh: {
+      const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+      return 0.5f * gate * (1.0f + tanhf(c * (gate + 0.044715f * gate * gate * gate))) * up;
+    }
+  }
+  return 0.0f;
+}
+
+// ---- expert lists ---------------------------------------------------------------------------------
+__device__ inline Lists build_lists(const DecodeParams& p, uint8_t* smem, const SmemLayout& sl) {
+  Lists ls;
+  ls.cnt = reinterpret_cast<int*>(smem + sl.cnt_off);
+  ls.start = reinterpret_cast<int*>(smem + sl.start_off);
+  ls.active = reinterpret_cast<int*>(smem + sl.active_off);
+  ls.slots = reinterpret_cast<int*>(smem + sl.slots_off);
+  ls.rows = reinterpret_cast<int*>(smem + sl.rows_off);
+  int* misc = reinterpret_cast<int*>(smem + sl.misc_off);
+  const int nslots = p.T * p.k;
+  for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) ls.cnt[e] = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; s < nslots; s += blockDim.x) {
+    int e = __ldcg(p.ids + s) - p.local_offset;
+    if (e >= 0 && e < p.num_local) atomicAdd(&ls.cnt[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int run = 0, nact = 0;
+    for (int base = 0; base < p.num_local; base += 32) {
+      int e = base + lane;
+      int c = e < p.num_local ? ls.cnt[e] : 0;
+      int incl = c;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      unsigned act = __ballot_sync(0xffffffffu, c > 0);
+      if (e < p.num_local) {
+        ls.start[e] = run + incl - c;
+        if (c > 0) ls.active[nact + __popc(act & ((1u << lane) - 1))] = e;
+      }
+      run += __shfl_sync(0xffffffffu, incl, 31);
+      nact += __popc(act);
+    }
+    __syncwarp();
+    for (int e = lane; e < p.num_local; e += 32) ls.cnt[e] = 0;  // reused as fill counters
+    __syncwarp();
+    // Stable fill, 32 slots at a time: rank among equal experts inside the chunk of 32.
+    for (int base = 0; base < nslots; base += 32) {
+      int s = base + lane;
+      int e = -1;
+      if (s < nslots) {
+        e = __ldcg(p.ids + s) - p.local_offset;
+        if (e < 0 || e >= p.num_local) e = -1;
+      }
+      unsigned peers = __match_any_sync(0xffffffffu, e);
+      int rank = __popc(peers & ((1u << lane) - 1));
+      if (e >= 0) ls.slots[ls.start[e] + ls.cnt[e] + rank] = s;
+      __syncwarp();
+      if (e >= 0 && rank == 0) ls.cnt[e] += __popc(peers);
+      __syncwarp();
+    }
+    // GEMM2 rows: one per pass of 8 * kGroups slots of each active expert, in expert order.
+    int nrows = 0;
+    for (int base = 0; base < nact; base += 32) {
+      const int ai = base + lane;
+      const int e = ai < nact ? ls.active[ai] : 0;
+      const int np = ai < nact ? (ls.cnt[e] + 8 * kGroups - 1) / (8 * kGroups) : 0;
+      int incl = np;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      for (int r = 0; r < np; ++r) ls.rows[nrows + incl - np + r] = (e << 8) | (r * 8 * kGroups);
+      nrows += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) { misc[0] = nact; misc[1] = nrows; }
+  }
+  __syncthreads();
+  ls.n_active = misc[0];
+  ls.n_rows = misc[1];
+  return ls;
+}
+
+// ---- shared pieces of the two GEMM phases ---------------------------------------------------------
+// B operand rows of the lane for token group gi: 16 bf16 at `col` of row `rows[gi]` (zero when absent).
+template <int G>
+__device__ __forceinline__ void load_b(uint4 (&xb)[G][2], const __nv_bfloat16* const (&rows)[G], int col,
+                                       bool in_range, int ng, bool l2_only) {
+#pragma unroll
+  for (int gi = 0; gi < G; ++gi) {
+    xb[gi][0] = xb[gi][1] = make_uint4(0, 0, 0, 0);
+    if (gi < ng && rows[gi] != nullptr && in_range) {
+      if (l2_only) {
+        xb[gi][0] = __ldcg(reinterpret_cast<const uint4*>(rows[gi] + col));
+        xb[gi][1] = __ldcg(reinterpret_cast<const uint4*>(rows[gi] + col + 8));
+      } else {
+        xb[gi][0] = ldg_cached(rows[gi] + col);
+        xb[gi][1] = ldg_cached(rows[gi] + col + 8);
+      }
+    }
+  }
+}
+
+// One k-tile: dequantize the A fragments of MT m-tiles, then one mma per (m-tile, step, group).
+template <Format F, int MT, int G>
+__device__ __forceinline__ void tile_mma(float (&acc)[MT][G][4], const uint4 (&a)[MT], const uint32_t (&s)[MT],
+                                         const uint4 (&xb)[G][2], int ng) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const uint32_t slo = scale_pair<F>(s[mt] & 0xff), shi = scale_pair<F>(s[mt] >> 8);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t af[4];
+      dequant_word(word(a[mt], j), slo, shi, af);
+#pragma unroll
+      for (int gi = 0; gi < G; ++gi)
+        if (gi < ng)
+          mma_bf16(acc[mt][gi], af, word(xb[gi][j / 2], (2 * j) % 4), word(xb[gi][j / 2], (2 * j) % 4 + 1));
+    }
+  }
+}
+
+// ---- phase 1: GEMM1 + activation ------------------------------------------------------------------
+template <Format F, bool GATED>
+__device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red) {
+  constexpr int MT = GATED ? 2 : 1;
+  constexpr int G = kGroups;
+  constexpr int U = kPrefetch;
+  const PackedLayout& L = p.L;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int TW = p.team1, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
+  const int KT = L.k_tiles13;
+  const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW;
+  const int g = lane >> 2, q = lane & 3;
+  const int ntasks = ls.n_active * L.i_blocks;
+  const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * kTileScaleBytes;
+
+  for (int task = blockIdx.x * teams + team; task < ntasks; task += gridDim.x * teams) {
+    const int ai = task / L.i_blocks, b = task % L.i_blocks;
+    const int e = ls.active[ai];
+    const int n = ls.cnt[e], s0 = ls.start[e];
+    const uint8_t* wbase = p.wts + L.w13_off + e * L.w13_expert_bytes() + MT * b * mstride_w + lane * 16;
+    const uint8_t* sbase = p.wts + L.s13_off + e * L.s13_expert_bytes() + MT * b * mstride_s + lane * 2;
+    const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
+
+    for (int pass = 0; pass < n; pass += 8 * G) {
+      const int np = min(n - pass, 8 * G);
+      const int ng = (np + 7) / 8;
+      const __nv_bfloat16* xrow[G];
+#pragma unroll
+      for (int gi = 0; gi < G; ++gi) {
+        const int c = gi * 8 + g;
+        xrow[gi] = c < np ? p.x + int64_t(ls.slots[s0 + pass + c] / p.k) * p.H : nullptr;
+      }
+      float acc[MT][G][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[mt][gi][r] = 0.0f;
+
+      uint4 abuf[U][MT];
+      uint32_t sbuf[U][MT];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (k0 + u < k1)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(k0 + u) * kTileBytes);
+            sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(k0 + u) * kTileScaleBytes);
+          }
+      uint4 xb[G][2];
+      load_b<G>(xb, xrow, k0 * kTileCols + 16 * q, k0 * kTileCols + 16 * q < p.H, ng, false);
+      for (int base = k0; base < k1; base += U) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int kt = base + u;
+          if (kt < k1) {
+            uint4 a[MT];
+            uint32_t s[MT];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) { a[mt] = abuf[u][mt]; s[mt] = sbuf[u][mt]; }
+            if (kt + U < k1)
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) {
+                abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(kt + U) * kTileBytes);
+                sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(kt + U) * kTileScaleBytes);
+              }
+            uint4 xcur[G][2];
+#pragma unroll
+            for (int gi = 0; gi < G; ++gi) { xcur[gi][0] = xb[gi][0]; xcur[gi][1] = xb[gi][1]; }
+            const int ncol = (kt + 1) * kTileCols + 16 * q;
+            load_b<G>(xb, xrow, ncol, kt + 1 < k1 && ncol < p.H, ng, false);
+            if (p.w4a4)
+#pragma unroll
+              for (int gi = 0; gi < G; ++gi)
+                if (gi < ng) fake_quant_block(xcur[gi], ms.in13);
+            tile_mma<F, MT, G>(acc, a, s, xcur, ng);
+          }
+        }
+      }
+
+      // Team reduction in warp order.
+      if (TW > 1) {
+        if (wt > 0) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int gi = 0; gi < G; ++gi)
+              if (gi < ng)
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                  red[((((warp * 2 + mt) * G + gi) * 4 + r) * 32) + lane] = acc[mt][gi][r];
+        }
+        team_sync(team, TW);
+        if (wt == 0) {
+          for (int w = 1; w < TW; ++w)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int gi = 0; gi < G; ++gi)
+                if (gi < ng)
+#pragma unroll
+                  for (int r = 0; r < 4; ++r)
+                    acc[mt][gi][r] += red[(((((warp + w) * 2 + mt) * G + gi) * 4 + r) * 32) + lane];
+        }
+        team_sync(team, TW);
+      }
+      if (wt != 0) continue;
+
+      // Epilogue: scales, bias, activation, (W4A4) quantization of a, store.
+      const float* b13 = p.L.has_bias ? reinterpret_cast<const float*>(p.wts + L.b13_off) + e * L.b13_expert_floats() : nullptr;
+      const int half = 16 * L.i_blocks;
+      const float in13 = p.w4a4 ? ms.in13 : 1.0f;
+#pragma unroll
+      for (int gi = 0; gi < G; ++gi) {
+        if (gi >= ng) continue;
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int colx = gi * 8 + 2 * q + c;
+          const bool valid = colx < np;
+          const int slot = valid ? ls.slots[s0 + pass + colx] : 0;
+          const float wtok = (valid && p.method == RoutingMethod::llama4) ? __ldcg(p.tw + slot) : 1.0f;
+          float av[2];
+          int iv[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int i = 16 * b + 8 * h + g;
+            float gate = 0.0f, up;
+            if constexpr (GATED) {
+              gate = acc[h][gi][c] * ms.gate * in13 * wtok + (b13 ? b13[i] : 0.0f);
+              up = acc[h][gi][2 + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
+            } else {
+              up = acc[0][gi][2 * h + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
+            }
+            iv[h] = i;
+            av[h] = __bfloat162float(__float2bfloat16_rn(activation(p, gate, up)));
+          }
+          if (p.w4a4) {
+            float amax = fmaxf(fabsf(av[0]), fabsf(av[1]));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 8));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
+            const float s = nvfp4_block_scale(amax, ms.in2), denom = s * ms.in2;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) av[h] = e2m1_round(av[h] / denom) * s;
+          }
+          if (valid) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              p.act[int64_t(slot) * L.i_pad + iv[h]] = __float2bfloat16_rn(av[h]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- phase 2: GEMM2 + finalize --------------------------------------------------------------------
+template <Format F>
+__device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs) {
+  constexpr int G = kGroups;
+  constexpr int U = kPrefetch;
+  const PackedLayout& L = p.L;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int TW = p.team2, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
+  const int KT = L.k_tiles2;
+  const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW, nk = k1 - k0;
+  const int g = lane >> 2, q = lane & 3;
+  const int a_valid_cols = 16 * L.i_blocks;
+  float* myacc = accs + warp * kTokenChunk * 16;  // [token][row]
+  for (int i = lane; i < kTokenChunk * 16; i += 32) myacc[i] = 0.0f;
+  __syncwarp();
+
+  // Work item idx = (row r of the (expert, token pass) list, k-tile k0 + idx % nk).
+  const int total = ls.n_rows * nk;
+  auto row_info = [&](int idx, int& e, int& pass, int& kt) {
+    const int r = ls.rows[idx / nk];
+    e = r >> 8;
+    pass = r & 0xff;
+    kt = k0 + idx % nk;
+  };
+  auto b_rows = [&](int e, int pass, const __nv_bfloat16* (&rows)[G], int& ng) {
+    const int n = min(ls.cnt[e] - pass, 8 * G), s0 = ls.start[e] + pass;
+    ng = (n + 7) / 8;
+#pragma unroll
+    for (int gi = 0; gi < G; ++gi) {
+      const int c = gi * 8 + g;
+      rows[gi] = c < n ? p.act + int64_t(ls.slots[s0 + c]) * L.i_pad : nullptr;
+    }
+  };
+  for (int task = blockIdx.x * teams + team; task < L.m_tiles2; task += gridDim.x * teams) {
+    const int64_t tile_w = int64_t(task) * KT * kTileBytes + lane * 16;
+    const int64_t tile_s = int64_t(task) * KT * kTileScaleBytes + lane * 2;
+    uint4 abuf[U];
+    uint32_t sbuf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (u < total) {
+        int e, pass, kt;
+        row_info(u, e, pass, kt);
+        abuf[u] = ldg_stream(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile_w + int64_t(kt) * kTileBytes);
+        sbuf[u] = ldg_u16(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile_s + int64_t(kt) * kTileScaleBytes);
+      }
+    float acc[1][G][4];
+#pragma unroll
+    for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[0][gi][r] = 0.0f;
+    uint4 xb[G][2];
+    if (total > 0) {
+      int e, pass, kt, ng;
+      row_info(0, e, pass, kt);
+      const __nv_bfloat16* rows[G];
+      b_rows(e, pass, rows, ng);
+      load_b<G>(xb, rows, kt * kTileCols + 16 * q, kt * kTileCols + 16 * q < a_valid_cols, ng, true);
+    }
+
+    for (int base = 0; base < total; base += U) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int idx = base + u;
+        if (idx < total) {
+          uint4 a[1] = {abuf[u]};
+          uint32_t s[1] = {sbuf[u]};
+          if (idx + U < total) {
+            int e2, pass2, kt2;
+            row_info(idx + U, e2, pass2, kt2);
+            abuf[u] = ldg_stream(p.wts + L.w2_off + e2 * L.w2_expert_bytes() + tile_w + int64_t(kt2) * kTileBytes);
+            sbuf[u] = ldg_u16(p.wts + L.s2_off + e2 * L.s2_expert_bytes() + tile_s + int64_t(kt2) * kTileScaleBytes);
+          }
+          int e, pass, kt;
+          row_info(idx, e, pass, kt);
+          const int n = min(ls.cnt[e] - pass, 8 * G), s0 = ls.start[e] + pass;
+          const int ng = (n + 7) / 8;
+          uint4 xcur[G][2];
+#pragma unroll
+          for (int gi = 0; gi < G; ++gi) { xcur[gi][0] = xb[gi][0]; xcur[gi][1] = xb[gi][1]; }
+          if (idx + 1 < total) {
+            int en, passn, ktn, ngn;
+            row_info(idx + 1, en, passn, ktn);
+            const __nv_bfloat16* rows[G];
+            b_rows(en, passn, rows, ngn);
+            load_b<G>(xb, rows, ktn * kTileCols + 16 * q, ktn * kTileCols + 16 * q < a_valid_cols, ngn, true);
+          }
+          tile_mma<F, 1, G>(acc, a, s, xcur, ng);
+          if (kt == k1 - 1) {
+            // This warp's K range of the expert is done: scatter w * y into the private accumulator.
+            const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
+            const float f = ms.down * (p.w4a4 ? ms.in2 : 1.0f);
+#pragma unroll
+            for (int gi = 0; gi < G; ++gi) {
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                const int colx = gi * 8 + 2 * q + c;
+                if (colx < n) {
+                  const int slot = ls.slots[s0 + colx];
+                  const float w = p.method == RoutingMethod::llama4 ? 1.0f : __ldcg(p.tw + slot);
+                  float* dst = myacc + (slot / p.k) * 16;
+                  dst[g] += w * (acc[0][gi][c] * f);
+                  dst[g + 8] += w * (acc[0][gi][2 + c] * f);
+                }
+              }
+#pragma unroll
+              for (int r = 0; r < 4; ++r) acc[0][gi][r] = 0.0f;
+            }
+            __syncwarp();
+          }
+        }
+      }
+    }
+    team_sync(team, TW);
+    // Finalize: sum the team's warps in order, add biases, write each element once.
+    const float* b2 = L.has_bias ? reinterpret_cast<const float*>(p.wts + L.b2_off) : nullptr;
+    float* team_acc = accs + (team * TW) * kTokenChunk * 16;
+    for (int idx = wt * 32 + lane; idx < p.T * 16; idx += TW * 32) {
+      const int t = idx / 16, r = idx % 16, h = task * 16 + r;
+      float v = 0.0f;
+      for (int w = 0; w < TW; ++w) {
+        v += team_acc[w * kTokenChunk * 16 + idx];
+        team_acc[w * kTokenChunk * 16 + idx] = 0.0f;
+      }
+      if (h < p.H) {
+        if (b2 != nullptr) {
+          for (int j = 0; j < p.k; ++j) {
+            const int e = __ldcg(p.ids + t * p.k + j) - p.local_offset;
+            if (e >= 0 && e < p.num_local) {
+              const float w = p.method == RoutingMethod::llama4 ? 1.0f : __ldcg(p.tw + t * p.k + j);
+              v += w * b2[int64_t(e) * p.H + h];
+            }
+          }
+        }
+        p.out[int64_t(t) * p.H + h] = __float2bfloat16_rn(v);
+      }
+    }
+    team_sync(team, TW);
+  }
+}
+
+template <Format F, bool GATED>
+__global__ void __launch_bounds__(kDecodeThreads) moe_decode_kernel(const __grid_constant__ DecodeParams p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const SmemLayout sl = SmemLayout::make(p.num_local, p.T * p.k, p.E);
+  float* scratch = reinterpret_cast<float*>(smem + sl.scratch_off);
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+
+  if (p.route_on_device) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float* sel = scratch + warp * 2 * p.E;
+    for (int t = blockIdx.x * kDecodeWarps + warp; t < p.T; t += gridDim.x * kDecodeWarps)
+      route_token(p, t, sel, sel + p.E, lane);
+    grid.sync();
+  }
+  const Lists ls = build_lists(p, smem, sl);
+  gemm1<F, GATED>(p, ls, scratch);
+  grid.sync();
+  gemm2<F>(p, ls, scratch);
+}
+
+}  // namespace fp4moe::kernels

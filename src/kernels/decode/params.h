@@ -1,0 +1,59 @@
+// Parameters of one launch of the decode kernel (one chunk of up to kTokenChunk tokens).
+#pragma once
+#include <cuda_bf16.h>
+#include <cstdint>
+
+#include "fp4moe/layout.h"
+#include "fp4moe/types.h"
+
+namespace fp4moe::kernels {
+
+constexpr int kDecodeThreads = 256;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+constexpr int kMaxRoutedExperts = 512;  // device routing keeps two score rows per warp in shared memory
+
+struct DecodeParams {
+  PackedLayout L;
+  const uint8_t* wts;
+  int T, H, I, E, k, local_offset, num_local;
+  const __nv_bfloat16* x;     // [T, H]
+  __nv_bfloat16* out;         // [T, H]
+  const void* logits;         // [T, E]
+  const float* router_bias;   // [E] or null
+  int32_t* ids;               // [T, k]: routing output (workspace) or the caller's precomputed ids
+  float* tw;                  // [T, k]
+  __nv_bfloat16* act;         // [T * k, L.i_pad] intermediate activations (workspace)
+  RoutingMethod method;
+  bool route_on_device, renormalize, has_router_bias, logits_bf16, w4a4;
+  int n_group, topk_group;
+  float routed_scaling_factor;
+  Activation act_kind;
+  float alpha, limit;
+  int team1, team2;  // warps splitting K of one GEMM1 / GEMM2 task
+};
+
+// Shared memory of one block: expert lists, then a union of the per-phase scratch.
+struct SmemLayout {
+  int cnt_off, start_off, active_off, slots_off, rows_off, misc_off, scratch_off, total;
+  static __host__ __device__ SmemLayout make(int num_local, int slots, int E) {
+    SmemLayout s;
+    int off = 0;
+    s.cnt_off = off; off += 4 * num_local;
+    s.start_off = off; off += 4 * num_local;
+    s.active_off = off; off += 4 * num_local;
+    s.slots_off = off; off += 4 * slots;
+    s.rows_off = off; off += 4 * (num_local + slots / 16 + 1);
+    s.misc_off = off; off += 16;
+    off = (off + 15) / 16 * 16;
+    s.scratch_off = off;
+    int routing = kDecodeWarps * 2 * E * 4;
+    int gemm1 = kDecodeWarps * 2 * 2 * 4 * 32 * 4;  // [warp][mt][group][4][lane]
+    int gemm2 = kDecodeWarps * kTokenChunk * 16 * 4;
+    int m = routing > gemm1 ? routing : gemm1;
+    m = m > gemm2 ? m : gemm2;
+    s.total = off + m;
+    return s;
+  }
+};
+
+}  // namespace fp4moe::kernels

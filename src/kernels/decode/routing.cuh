@@ -1,0 +1,152 @@
+// Routing on the device: one warp per token, every SPEC routing method. Scores live in two rows of
+// shared memory per warp; top-k is k rounds of a warp arg-max (ties to the lower expert index).
+#pragma once
+#include <cuda_bf16.h>
+#include <math.h>
+
+#include "kernels/decode/params.h"
+
+namespace fp4moe::kernels {
+
+struct ArgMax {
+  float v;
+  int i;
+};
+
+// Better = larger value, then lower index; NaN marks a taken or excluded entry and never wins.
+__device__ __forceinline__ bool better(float v, int i, const ArgMax& b) {
+  return v > b.v || (v == b.v && i < b.i);
+}
+
+__device__ __forceinline__ ArgMax warp_argmax(ArgMax m) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    ArgMax other{__shfl_xor_sync(0xffffffffu, m.v, o), __shfl_xor_sync(0xffffffffu, m.i, o)};
+    if (other.i >= 0 && (m.i < 0 || better(other.v, other.i, m))) m = other;
+  }
+  return m;
+}
+
+// Arg-max over row[0, n) skipping NaN; returns {-inf?, -1} when nothing is left.
+__device__ __forceinline__ ArgMax row_argmax(const float* row, int n, int lane) {
+  ArgMax m{-INFINITY, -1};
+  for (int e = lane; e < n; e += 32) {
+    float v = row[e];
+    if (v == v && (m.i < 0 || better(v, e, m))) m = ArgMax{v, e};
+  }
+  return warp_argmax(m);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float sigmoidf_exact(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Routes token t; sel / val rows are this warp's 2 * E floats of scratch.
+__device__ inline void route_token(const DecodeParams& p, int t, float* sel, float* val, int lane) {
+  const int E = p.E, k = p.k;
+  for (int e = lane; e < E; e += 32) {
+    float l = p.logits_bf16
+                  ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.logits)[int64_t(t) * E + e])
+                  : reinterpret_cast<const float*>(p.logits)[int64_t(t) * E + e];
+    float b = p.has_router_bias ? p.router_bias[e] : 0.0f;
+    float s = l;
+    switch (p.method) {
+      case RoutingMethod::softmax_topk: break;             // softmax below
+      case RoutingMethod::topk_softmax: s = l + b; break;  // softmax over the k below
+      case RoutingMethod::deepseek_v3: s = sigmoidf_exact(l); break;
+      case RoutingMethod::llama4: break;
+      case RoutingMethod::sigmoid_topk: s = sigmoidf_exact(l); break;
+      default: break;
+    }
+    val[e] = s;
+    sel[e] = p.method == RoutingMethod::deepseek_v3 ? s + b : s;
+  }
+  __syncwarp();
+  if (p.method == RoutingMethod::softmax_topk) {
+    float m = -INFINITY;
+    for (int e = lane; e < E; e += 32) m = fmaxf(m, val[e]);
+    m = warp_max(m);
+    float sum = 0.0f;
+    for (int e = lane; e < E; e += 32) sum += expf(val[e] - m);
+    sum = warp_sum(sum);
+    for (int e = lane; e < E; e += 32) {
+      float pr = expf(val[e] - m) / sum;
+      val[e] = pr;
+      sel[e] = pr;
+    }
+    __syncwarp();
+  }
+  if (p.method == RoutingMethod::deepseek_v3 && p.n_group > 1) {
+    // Group score: sum of the two largest selection scores of the group; keep topk_group groups.
+    const int gs = E / p.n_group;
+    float score = -INFINITY;
+    if (lane < p.n_group) {
+      float b1 = -INFINITY, b2 = -INFINITY;
+      for (int e = lane * gs; e < (lane + 1) * gs; ++e) {
+        float v = sel[e];
+        if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
+      }
+      score = b1 + b2;
+    }
+    unsigned keep = 0;
+    for (int r = 0; r < p.topk_group; ++r) {
+      ArgMax m = (lane < p.n_group && !((keep >> lane) & 1)) ? ArgMax{score, lane} : ArgMax{-INFINITY, -1};
+      m = warp_argmax(m);
+      keep |= 1u << m.i;
+    }
+    __syncwarp();
+    for (int e = lane; e < E; e += 32)
+      if (!((keep >> (e / gs)) & 1)) sel[e] = __int_as_float(0x7fffffff);
+    __syncwarp();
+  }
+  // k rounds of arg-max; lane j keeps the j-th pick.
+  int my_id = -1;
+  float my_val = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    ArgMax m = row_argmax(sel, E, lane);
+    if (lane == j) { my_id = m.i; my_val = val[m.i]; }
+    __syncwarp();
+    if (lane == 0) sel[m.i] = __int_as_float(0x7fffffff);
+    __syncwarp();
+  }
+  float w = my_val;
+  const bool active = lane < k;
+  switch (p.method) {
+    case RoutingMethod::softmax_topk:
+    case RoutingMethod::sigmoid_topk: {
+      float sum = warp_sum(active ? my_val : 0.0f);
+      if (p.renormalize) w = my_val / sum;
+      break;
+    }
+    case RoutingMethod::topk_softmax: {
+      float m = warp_max(active ? my_val : -INFINITY);
+      float ex = active ? expf(my_val - m) : 0.0f;
+      float sum = warp_sum(ex);
+      w = ex / sum;
+      break;
+    }
+    case RoutingMethod::deepseek_v3: {
+      float sum = warp_sum(active ? my_val : 0.0f);
+      w = my_val / (sum + 1e-20f) * p.routed_scaling_factor;
+      break;
+    }
+    case RoutingMethod::llama4: w = sigmoidf_exact(my_val); break;
+    default: break;
+  }
+  if (active) {
+    p.ids[int64_t(t) * k + lane] = my_id;
+    p.tw[int64_t(t) * k + lane] = w;
+  }
+  __syncwarp();
+}
+
+}  // namespace fp4moe::kernels
