@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <random>
@@ -85,7 +86,7 @@ MoeWeights random_layer(const MoeProblem& p, uint64_t seed) {
         x.down = random_fp4(p.format, p.hidden, p.intermediate, s + 3);
         if (p.gated()) x.gate.global_scale *= 1.5f;
         if (p.has_bias) {
-          std::mt19937 rng(uint32_t(s));
+          std::mt19937 rng{static_cast<uint32_t>(s)};
           std::normal_distribution<float> nd(0.0f, 0.1f);
           if (p.gated()) { x.gate_bias.resize(size_t(p.intermediate)); for (auto& v : x.gate_bias) v = nd(rng); }
           x.up_bias.resize(size_t(p.intermediate));
@@ -145,7 +146,7 @@ Timing time_graph(cudaGraphExec_t exec, cudaStream_t stream, int reps, int calls
     FP4MOE_CUDA_CHECK(cudaEventRecord(ev[size_t(i) + 1], stream));
   }
   FP4MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  std::vector<double> t(size_t(reps));
+  std::vector<double> t(static_cast<size_t>(reps));
   for (int i = 0; i < reps; ++i) {
     float ms = 0;
     FP4MOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[size_t(i)], ev[size_t(i) + 1]));
@@ -253,7 +254,7 @@ void bench(const Options& o) {
       Dev<float> rbias(size_t(p.num_experts));
       std::vector<float> hbias(size_t(p.num_experts));
       {
-        std::mt19937 rng(uint32_t(o.seed));
+        std::mt19937 rng{static_cast<uint32_t>(o.seed)};
         std::normal_distribution<float> nd(0.0f, 0.5f);
         for (auto& v : hbias) v = nd(rng);
         rbias.upload(hbias);

@@ -12,6 +12,8 @@
 #include "commands.h"
 #include "fp4moe/error.h"
 #include "fp4moe/formats.h"
+#include "fp4moe/moe.h"
+#include "common/cuda_check.h"
 #include "fp4moe/presets.h"
 #include "fp4moe/reference.h"
 #include "fp4moe/weights.h"
@@ -31,7 +33,7 @@ struct CheckOptions {
   std::string input_mode = "w4a16";
   uint64_t seed = 0;
   std::string experts_local;  // "OFFSET:COUNT", empty: all experts
-  std::string backend = "cpu";
+  std::string backend = "auto";
   int threads = 0;
 };
 
@@ -50,6 +52,57 @@ std::vector<uint16_t> run_cpu_reference(const MoeProblem& p, const MoeWeights& w
   return moe_reference(p, w, in, opt.threads).out;
 }
 
+// The decode path on the GPU: prepack, upload, one run on the default stream, poisoned output.
+std::vector<uint16_t> run_gpu(const MoeProblem& p, const MoeWeights& w, const HostInputs& in,
+                              const CheckOptions&) {
+  std::string why;
+  FP4MOE_CHECK(gpu_available(&why), "backend gpu: " << why);
+  const DeviceWeights dw(prepack(p, w));
+  const size_t x_bytes = size_t(p.tokens) * p.hidden * 2;
+  const size_t logit_bytes = size_t(p.tokens) * p.num_experts *
+                             (p.routing.logits_dtype == DType::bf16 ? 2 : 4);
+  const size_t slot_bytes = size_t(p.tokens) * p.top_k * 4;
+  const size_t ws_bytes = workspace_size(p);
+  const bool pre = p.routing.method == RoutingMethod::precomputed;
+  uint8_t* buf = nullptr;
+  const size_t off_out = (x_bytes + 255) / 256 * 256, off_logits = off_out + off_out,
+               off_bias = off_logits + (logit_bytes + 255) / 256 * 256,
+               off_ids = off_bias + (size_t(p.num_experts) * 4 + 255) / 256 * 256,
+               off_tw = off_ids + (slot_bytes + 255) / 256 * 256,
+               off_ws = off_tw + (slot_bytes + 255) / 256 * 256, total = off_ws + ws_bytes;
+  FP4MOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&buf), total));
+  std::vector<uint16_t> out(size_t(p.tokens) * p.hidden);
+  try {
+    FP4MOE_CUDA_CHECK(cudaMemcpy(buf, in.x, x_bytes, cudaMemcpyHostToDevice));
+    FP4MOE_CUDA_CHECK(cudaMemset(buf + off_out, 0xFF, x_bytes));  // NaN: unwritten outputs show
+    DeviceInputs d;
+    d.x = buf;
+    d.out = buf + off_out;
+    if (pre) {
+      FP4MOE_CUDA_CHECK(cudaMemcpy(buf + off_ids, in.topk_ids, slot_bytes, cudaMemcpyHostToDevice));
+      FP4MOE_CUDA_CHECK(cudaMemcpy(buf + off_tw, in.topk_weights, slot_bytes, cudaMemcpyHostToDevice));
+      d.topk_ids = reinterpret_cast<const int32_t*>(buf + off_ids);
+      d.topk_weights = reinterpret_cast<const float*>(buf + off_tw);
+    } else {
+      FP4MOE_CUDA_CHECK(cudaMemcpy(buf + off_logits, in.logits, logit_bytes, cudaMemcpyHostToDevice));
+      d.logits = buf + off_logits;
+      if (in.router_bias != nullptr) {
+        FP4MOE_CUDA_CHECK(cudaMemcpy(buf + off_bias, in.router_bias, size_t(p.num_experts) * 4,
+                                     cudaMemcpyHostToDevice));
+        d.router_bias = reinterpret_cast<const float*>(buf + off_bias);
+      }
+    }
+    run(p, dw, d, ws_bytes ? buf + off_ws : nullptr, ws_bytes, nullptr);
+    FP4MOE_CUDA_CHECK(cudaDeviceSynchronize());
+    FP4MOE_CUDA_CHECK(cudaMemcpy(out.data(), buf + off_out, x_bytes, cudaMemcpyDeviceToHost));
+  } catch (...) {
+    cudaFree(buf);
+    throw;
+  }
+  cudaFree(buf);
+  return out;
+}
+
 struct Backend {
   const char* name;
   const char* description;
@@ -58,9 +111,11 @@ struct Backend {
 
 const Backend kBackends[] = {
     {"cpu", "CPU reference (src/reference)", run_cpu_reference},
+    {"gpu", "Hopper decode kernels (src/kernels/decode)", run_gpu},
 };
 
-const Backend& find_backend(const std::string& name) {
+const Backend& find_backend(std::string name) {
+  if (name == "auto") name = gpu_available() ? "gpu" : "cpu";
   std::string known;
   for (const Backend& b : kBackends) {
     if (name == b.name) return b;
@@ -225,7 +280,7 @@ void add_check_command(CLI::App& app) {
   cmd->add_option("--seed", opt->seed, "Seed of the weights and inputs (default 0)");
   cmd->add_option("--experts-local", opt->experts_local,
                   "Expert parallelism: this rank holds experts OFFSET:COUNT");
-  cmd->add_option("--backend", opt->backend, "Backend to check: cpu (default)");
+  cmd->add_option("--backend", opt->backend, "Backend to check: auto (default: gpu where a Hopper GPU exists, else cpu), gpu, cpu");
   cmd->add_option("--threads", opt->threads, "Host threads (default 0: all cores)")
       ->check(CLI::NonNegativeNumber);
   cmd->callback([opt] {
