@@ -23,7 +23,7 @@
 namespace fp4moe::kernels {
 
 constexpr int kPrefetch = 4;   // k-tiles of weights in flight per warp
-constexpr int kGroups = 2;     // token groups of 8 per pass over an expert's weights
+constexpr int kGroups = 1;     // token groups of 8 per pass over an expert's weights
 
 struct Lists {
   int* cnt;     // [num_local] slots per local expert
@@ -226,7 +226,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
   const int ntasks = ls.n_active * L.i_blocks;
   const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * kTileScaleBytes;
 
-  for (int task = blockIdx.x * teams + team; task < ntasks; task += gridDim.x * teams) {
+  for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
     const int ai = task / L.i_blocks, b = task % L.i_blocks;
     const int e = ls.active[ai];
     const int n = ls.cnt[e], s0 = ls.start[e];
@@ -401,7 +401,7 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
       rows[gi] = c < n ? p.act + int64_t(ls.slots[s0 + c]) * L.i_pad : nullptr;
     }
   };
-  for (int task = blockIdx.x * teams + team; task < L.m_tiles2; task += gridDim.x * teams) {
+  for (int task = team * gridDim.x + blockIdx.x; task < L.m_tiles2; task += gridDim.x * teams) {
     const int64_t tile_w = int64_t(task) * KT * kTileBytes + lane * 16;
     const int64_t tile_s = int64_t(task) * KT * kTileScaleBytes + lane * 2;
     uint4 abuf[U];
@@ -510,7 +510,7 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
 }
 
 template <Format F, bool GATED>
-__global__ void __launch_bounds__(kDecodeThreads) moe_decode_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(kDecodeThreads, 2) moe_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const SmemLayout sl = SmemLayout::make(p.num_local, p.T * p.k, p.E);
   float* scratch = reinterpret_cast<float*>(smem + sl.scratch_off);
