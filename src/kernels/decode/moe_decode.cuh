@@ -23,7 +23,6 @@
 namespace fp4moe::kernels {
 
 constexpr int kPrefetch = 4;   // k-tiles of weights in flight per warp
-constexpr int kGroups = 1;     // token groups of 8 per pass over an expert's weights
 
 struct Lists {
   int* cnt;     // [num_local] slots per local expert

@@ -11,6 +11,7 @@ namespace fp4moe::kernels {
 constexpr int kDecodeThreads = 256;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr int kMaxRoutedExperts = 512;  // device routing keeps two score rows per warp in shared memory
+constexpr int kGroups = 1;              // token groups of 8 per pass over an expert's weights
 
 struct DecodeParams {
   PackedLayout L;
@@ -42,7 +43,7 @@ struct SmemLayout {
     s.start_off = off; off += 4 * num_local;
     s.active_off = off; off += 4 * num_local;
     s.slots_off = off; off += 4 * slots;
-    s.rows_off = off; off += 4 * (num_local + slots / 16 + 1);
+    s.rows_off = off; off += 4 * (num_local + slots / (8 * kGroups) + 1);
     s.misc_off = off; off += 16;
     off = (off + 15) / 16 * 16;
     s.scratch_off = off;
