@@ -5,10 +5,12 @@
 // One (m-tile, k-tile) is 512 bytes: lane l = 4 * g + q of a warp owns 16 bytes at l * 16 holding
 // packed rows g and g + 8, columns [16 q, 16 q + 16) of the k-tile, which is exactly what the lane needs
 // for four mma.m16n8k16 steps after permuting K (see kernels/decode/fragments.cuh). Word j of the
-// 16 bytes carries columns 16 q + 4 j + {0..3}; inside the word, pair p = 0..3 sits in nibbles
-// [12 - 4p, 16 - 4p) (low element) and [28 - 4p, 32 - 4p) (high element):
+// 16 bytes carries columns 16 q + 4 j + {0..3} as four pairs:
 //   p = 0: row g,     columns +0, +1      p = 1: row g + 8, columns +0, +1
 //   p = 2: row g,     columns +2, +3      p = 3: row g + 8, columns +2, +3
+// The bits (sign, e1, e0, m) of a pair's low element sit at p0 {15, 8, 7, 6}, p1 {12, 5, 4, 3},
+// p2 {9, 2, 1, 0}, p3 {14, 11, 10, 13}, its high element 16 bits higher: pair 0 is already a bf16x2
+// after one mask, pairs 1 and 2 are one shift away, pair 3 three (11 integer operations a word).
 // Block scales of the same tile: 64 bytes, lane l owns bytes 2l (row g) and 2l + 1 (row g + 8), the
 // scale of its 16 columns, re-encoded so that a bf16 multiplier is one shift and add away:
 //   nvfp4: S = e4m3 * 2^119 as bf16; byte = ((exponent - 230) << 3) | mantissa3, bf16 bits = (b << 4) + 0x7300

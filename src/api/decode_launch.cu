@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <set>
@@ -35,19 +36,30 @@ DeviceInfo device_info() {
   return d;
 }
 
-int pick_team(int k_tiles) {
-  int tw = 8;
-  while (tw > 1 && k_tiles / tw < 4) tw /= 2;
-  return tw;
+// Warps that split K of one task. The K split fixes the order of the fp32 sums, so it depends on the
+// layer's shape only, never on T: a token's output must not depend on the rest of the batch. It is
+// tuned for T = 1, where fixed costs dominate: estimated phase time = rounds of tasks over the teams
+// times (k-tiles per warp + a fixed per-task cost of about three k-tiles).
+int pick_team(int64_t tasks, int64_t tiles_per_task, int blocks) {
+  int best = 8;
+  double best_cost = 1e30;
+  for (int tw : {8, 4, 2, 1}) {
+    const int64_t teams = int64_t(blocks) * (kernels::kDecodeWarps / tw);
+    const double cost = double(ceil_div(tasks, teams)) * (double(tiles_per_task) / tw + 3.0);
+    if (cost < best_cost - 1e-9) {
+      best_cost = cost;
+      best = tw;
+    }
+  }
+  return best;
 }
 
-using KernelFn = void (*)(DecodeParams);
-
-KernelFn pick_kernel(Format f, bool gated) {
-  if (f == Format::nvfp4) {
-    return gated ? kernels::moe_decode_kernel<Format::nvfp4, true> : kernels::moe_decode_kernel<Format::nvfp4, false>;
-  }
-  return gated ? kernels::moe_decode_kernel<Format::mxfp4, true> : kernels::moe_decode_kernel<Format::mxfp4, false>;
+// The instantiation set: W4A4 exists for NVFP4 only (validate() rejects it with MXFP4).
+KernelFn pick_kernel(Format f, bool gated, bool w4a4) {
+  using namespace kernels;
+  if (f == Format::mxfp4) return gated ? moe_decode_kernel<Format::mxfp4, true, false> : moe_decode_kernel<Format::mxfp4, false, false>;
+  if (w4a4) return gated ? moe_decode_kernel<Format::nvfp4, true, true> : moe_decode_kernel<Format::nvfp4, false, true>;
+  return gated ? moe_decode_kernel<Format::nvfp4, true, false> : moe_decode_kernel<Format::nvfp4, false, false>;
 }
 
 size_t align256(size_t v) { return (v + 255) / 256 * 256; }
@@ -127,15 +139,13 @@ Plan make_plan(const MoeProblem& p) {
   Plan plan;
   plan.sms = info.sms;
   plan.threads = kDecodeThreads;
-  plan.team_warps1 = pick_team(L.k_tiles13);
-  plan.team_warps2 = pick_team(L.k_tiles2);
   plan.chunks = ceil_div(p.tokens, kTokenChunk);
   const int slots = int(std::min<int64_t>(p.tokens, kTokenChunk)) * p.top_k;
   plan.smem_bytes = size_t(SmemLayout::make(p.local_experts(), slots, p.num_experts).total);
   FP4MOE_CHECK(plan.smem_bytes <= info.smem_optin,
                "problem needs " << plan.smem_bytes << " bytes of shared memory per block, the device allows "
                                 << info.smem_optin << " (too many local experts?)");
-  KernelFn fn = pick_kernel(p.format, p.gated());
+  KernelFn fn = pick_kernel(p.format, p.gated(), p.input_mode == InputMode::w4a4);
   FP4MOE_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(fn),
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes)));
   int per_sm = 0;
@@ -143,6 +153,10 @@ Plan make_plan(const MoeProblem& p) {
                                                                   kDecodeThreads, plan.smem_bytes));
   FP4MOE_CHECK(per_sm > 0, "decode kernel cannot be resident with " << plan.smem_bytes << " bytes of shared memory");
   plan.blocks = per_sm * info.sms;
+  // Experts a single token touches on this rank: the tasks of each phase at T = 1.
+  const int64_t local_k = std::max<int64_t>(1, ceil_div(int64_t(p.top_k) * p.local_experts(), p.num_experts));
+  plan.team_warps1 = pick_team(local_k * L.i_blocks, L.k_tiles13, plan.blocks);
+  plan.team_warps2 = pick_team(L.m_tiles2, local_k * L.k_tiles2, plan.blocks);
   if (const char* env = std::getenv("FP4MOE_LOG_PLAN"); env && env[0] == '1') {
     std::string key = p.to_string() + plan.to_string();
     if (logged.insert(key).second) std::fprintf(stderr, "fp4moe: %s -> %s\n", p.to_string().c_str(), plan.to_string().c_str());
@@ -197,7 +211,6 @@ void run(const MoeProblem& p, const DeviceWeights& w, const DeviceInputs& in, vo
   kp.renormalize = p.routing.renormalize;
   kp.has_router_bias = p.routing.has_bias;
   kp.logits_bf16 = p.routing.logits_dtype == DType::bf16;
-  kp.w4a4 = p.input_mode == InputMode::w4a4;
   kp.n_group = p.routing.n_group;
   kp.topk_group = p.routing.topk_group;
   kp.routed_scaling_factor = p.routing.routed_scaling_factor;
@@ -207,7 +220,7 @@ void run(const MoeProblem& p, const DeviceWeights& w, const DeviceInputs& in, vo
   kp.team1 = plan.team_warps1;
   kp.team2 = plan.team_warps2;
 
-  KernelFn fn = pick_kernel(p.format, p.gated());
+  KernelFn fn = pick_kernel(p.format, p.gated(), p.input_mode == InputMode::w4a4);
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;

@@ -50,6 +50,21 @@ int mxfp4_offset(const QuantizedMatrix& m) {
   return std::min(126, 254 - smax);
 }
 
+// Bit positions (sign, e1, e0, m) of the low element of pair p inside a packed word; the high element
+// sits 16 bits above. Pairs 0-2 are the bf16 geometry (sign 15, exponent bits 8-7, mantissa 6) shifted
+// left by 0, 3 and 6 bits; pair 3 fills the remaining bits (see layout.h).
+constexpr int kPairBits[4][4] = {{15, 8, 7, 6}, {12, 5, 4, 3}, {9, 2, 1, 0}, {14, 11, 10, 13}};
+
+uint32_t place_pair(int p, uint8_t lo, uint8_t hi) {
+  uint32_t w = 0;
+  for (int b = 0; b < 4; ++b) {
+    const int bit = 3 - b;  // nibble bit of role b: sign (3), e1 (2), e0 (1), m (0)
+    w |= uint32_t((lo >> bit) & 1) << kPairBits[p][b];
+    w |= uint32_t((hi >> bit) & 1) << (kPairBits[p][b] + 16);
+  }
+  return w;
+}
+
 uint8_t nibble(const QuantizedMatrix& m, int64_t r, int64_t c) {
   uint8_t b = m.data[(r * m.cols + c) / 2];
   return (c & 1) ? (b >> 4) : (b & 0xF);
@@ -106,8 +121,7 @@ void pack_matrix(int m_tiles, int k_tiles, int64_t K, Format fmt, RowOf row_of, 
           uint32_t w = 0;
           for (int p = 0; p < 4; ++p) {
             const int h = p & 1, col = 4 * j + 2 * (p >> 1);
-            w |= uint32_t(nib[h][col]) << (12 - 4 * p);
-            w |= uint32_t(nib[h][col + 1]) << (28 - 4 * p);
+            w |= place_pair(p, nib[h][col], nib[h][col + 1]);
           }
           std::memcpy(wt + lane * 16 + j * 4, &w, 4);
         }

@@ -15,24 +15,28 @@
 
 namespace fp4moe::kernels {
 
-// Pair p of a packed word as a bf16x2 holding e2m1 * 2^-126 (exponent and mantissa bits placed
-// directly: exact, including the e2m1 subnormal 0.5).
+// Pair p of a packed word as a bf16x2 holding e2m1 * 2^-126: the sign, exponent and mantissa bits
+// land directly in bf16 position (exact, including the e2m1 subnormal 0.5). Bit geometry: layout.h.
 template <int P>
 __device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
-  const uint32_t t = w << (4 * P);
-  return (t & 0x80008000u) | ((t & 0x70007000u) >> 6);
+  if constexpr (P == 0) return w & 0x81C081C0u;
+  if constexpr (P == 1) return (w << 3) & 0x81C081C0u;
+  if constexpr (P == 2) return (w << 6) & 0x81C081C0u;
+  return ((w >> 3) & 0x01800180u) | ((w >> 7) & 0x00400040u) | ((w << 1) & 0x80008000u);
 }
 
-// bf16 block-scale multiplier (both halves equal) from a packed scale byte.
+// bf16 block-scale multipliers of rows g (lo) and g + 8 (hi), both halves equal, from the lane's two
+// packed scale bytes: one byte permute and one multiply-add each.
 template <Format F>
-__device__ __forceinline__ uint32_t scale_pair(uint32_t byte) {
-  uint32_t bits;
+__device__ __forceinline__ void scale_pairs(uint32_t bytes, uint32_t& lo, uint32_t& hi) {
+  const uint32_t b0 = __byte_perm(bytes, 0, 0x4140), b1 = __byte_perm(bytes, 0, 0x4141);  // (b, 0, b, 0)
   if constexpr (F == Format::nvfp4) {
-    bits = (byte << 4) + 0x7300u;  // e4m3 * 2^119
+    lo = b0 * 16u + 0x73007300u;  // e4m3 * 2^119
+    hi = b1 * 16u + 0x73007300u;
   } else {
-    bits = byte << 7;  // 2^(s - 127 + c)
+    lo = b0 << 7;  // 2^(s - 127 + c)
+    hi = b1 << 7;
   }
-  return bits | (bits << 16);
 }
 
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {

@@ -172,50 +172,44 @@ __device__ inline Lists build_lists(const DecodeParams& p, uint8_t* smem, const 
 }
 
 // ---- shared pieces of the two GEMM phases ---------------------------------------------------------
-// B operand rows of the lane for token group gi: 16 bf16 at `col` of row `rows[gi]` (zero when absent).
-template <int G>
-__device__ __forceinline__ void load_b(uint4 (&xb)[G][2], const __nv_bfloat16* const (&rows)[G], int col,
-                                       bool in_range, int ng, bool l2_only) {
-#pragma unroll
-  for (int gi = 0; gi < G; ++gi) {
-    xb[gi][0] = xb[gi][1] = make_uint4(0, 0, 0, 0);
-    if (gi < ng && rows[gi] != nullptr && in_range) {
-      if (l2_only) {
-        xb[gi][0] = __ldcg(reinterpret_cast<const uint4*>(rows[gi] + col));
-        xb[gi][1] = __ldcg(reinterpret_cast<const uint4*>(rows[gi] + col + 8));
-      } else {
-        xb[gi][0] = ldg_cached(rows[gi] + col);
-        xb[gi][1] = ldg_cached(rows[gi] + col + 8);
-      }
+// The lane's B operand for one k-tile: 16 bf16 of `row` at column `col` (zero when absent).
+template <bool L2_ONLY>
+__device__ __forceinline__ void load_b(uint4 (&xb)[2], const __nv_bfloat16* row, int col, bool in_range) {
+  xb[0] = xb[1] = make_uint4(0, 0, 0, 0);
+  if (row != nullptr && in_range) {
+    if constexpr (L2_ONLY) {  // written earlier in this launch: must bypass the incoherent L1
+      xb[0] = __ldcg(reinterpret_cast<const uint4*>(row + col));
+      xb[1] = __ldcg(reinterpret_cast<const uint4*>(row + col + 8));
+    } else {
+      xb[0] = ldg_cached(row + col);
+      xb[1] = ldg_cached(row + col + 8);
     }
   }
 }
 
-// One k-tile: dequantize the A fragments of MT m-tiles, then one mma per (m-tile, step, group).
-template <Format F, int MT, int G>
-__device__ __forceinline__ void tile_mma(float (&acc)[MT][G][4], const uint4 (&a)[MT], const uint32_t (&s)[MT],
-                                         const uint4 (&xb)[G][2], int ng) {
+// One k-tile of MT m-tiles against one group of 8 tokens: dequantize, scale, four mma steps each.
+template <Format F, int MT>
+__device__ __forceinline__ void tile_mma(float (&acc)[MT][4], const uint4 (&a)[MT], const uint32_t (&s)[MT],
+                                         const uint4 (&xb)[2]) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    const uint32_t slo = scale_pair<F>(s[mt] & 0xff), shi = scale_pair<F>(s[mt] >> 8);
+    uint32_t slo, shi;
+    scale_pairs<F>(s[mt], slo, shi);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       uint32_t af[4];
       dequant_word(word(a[mt], j), slo, shi, af);
-#pragma unroll
-      for (int gi = 0; gi < G; ++gi)
-        if (gi < ng)
-          mma_bf16(acc[mt][gi], af, word(xb[gi][j / 2], (2 * j) % 4), word(xb[gi][j / 2], (2 * j) % 4 + 1));
+      mma_bf16(acc[mt], af, word(xb[j / 2], (2 * j) % 4), word(xb[j / 2], (2 * j) % 4 + 1));
     }
   }
 }
 
 // ---- phase 1: GEMM1 + activation ------------------------------------------------------------------
-template <Format F, bool GATED>
+template <Format F, bool GATED, bool W4A4>
 __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red) {
   constexpr int MT = GATED ? 2 : 1;
-  constexpr int G = kGroups;
   constexpr int U = kPrefetch;
+  static_assert(U % 2 == 0, "the B operand ping-pongs between two buffers across the unrolled k-tiles");
   const PackedLayout& L = p.L;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int TW = p.team1, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
@@ -233,22 +227,14 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
     const uint8_t* sbase = p.wts + L.s13_off + e * L.s13_expert_bytes() + MT * b * mstride_s + lane * 2;
     const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
 
-    for (int pass = 0; pass < n; pass += 8 * G) {
-      const int np = min(n - pass, 8 * G);
-      const int ng = (np + 7) / 8;
-      const __nv_bfloat16* xrow[G];
-#pragma unroll
-      for (int gi = 0; gi < G; ++gi) {
-        const int c = gi * 8 + g;
-        xrow[gi] = c < np ? p.x + int64_t(ls.slots[s0 + pass + c] / p.k) * p.H : nullptr;
-      }
-      float acc[MT][G][4];
+    for (int pass = 0; pass < n; pass += 8) {
+      const int np = min(n - pass, 8);
+      const __nv_bfloat16* xrow = g < np ? p.x + int64_t(ls.slots[s0 + pass + g] / p.k) * p.H : nullptr;
+      float acc[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int gi = 0; gi < G; ++gi)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) acc[mt][gi][r] = 0.0f;
+        for (int r = 0; r < 4; ++r) acc[mt][r] = 0.0f;
 
       uint4 abuf[U][MT];
       uint32_t sbuf[U][MT];
@@ -260,33 +246,33 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
             abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(k0 + u) * kTileBytes);
             sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(k0 + u) * kTileScaleBytes);
           }
-      uint4 xb[G][2];
-      load_b<G>(xb, xrow, k0 * kTileCols + 16 * q, k0 * kTileCols + 16 * q < p.H, ng, false);
+      uint4 xa[2], xb[2];
+      load_b<false>(xa, xrow, k0 * kTileCols + 16 * q, k0 < k1 && k0 * kTileCols + 16 * q < p.H);
+      // One k-tile: consume A from the ring and refill it U tiles ahead; B from `cur`, the next
+      // tile's B into `nxt`.
+      auto step = [&](int u, int kt, uint4 (&cur)[2], uint4 (&nxt)[2]) {
+        uint4 a[MT];
+        uint32_t sc[MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) { a[mt] = abuf[u][mt]; sc[mt] = sbuf[u][mt]; }
+        if (kt + U < k1)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(kt + U) * kTileBytes);
+            sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(kt + U) * kTileScaleBytes);
+          }
+        const int ncol = (kt + 1) * kTileCols + 16 * q;
+        load_b<false>(nxt, xrow, ncol, kt + 1 < k1 && ncol < p.H);
+        if constexpr (W4A4) fake_quant_block(cur, ms.in13);
+        tile_mma<F, MT>(acc, a, sc, cur);
+      };
       for (int base = k0; base < k1; base += U) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int kt = base + u;
           if (kt < k1) {
-            uint4 a[MT];
-            uint32_t s[MT];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) { a[mt] = abuf[u][mt]; s[mt] = sbuf[u][mt]; }
-            if (kt + U < k1)
-#pragma unroll
-              for (int mt = 0; mt < MT; ++mt) {
-                abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(kt + U) * kTileBytes);
-                sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(kt + U) * kTileScaleBytes);
-              }
-            uint4 xcur[G][2];
-#pragma unroll
-            for (int gi = 0; gi < G; ++gi) { xcur[gi][0] = xb[gi][0]; xcur[gi][1] = xb[gi][1]; }
-            const int ncol = (kt + 1) * kTileCols + 16 * q;
-            load_b<G>(xb, xrow, ncol, kt + 1 < k1 && ncol < p.H, ng, false);
-            if (p.w4a4)
-#pragma unroll
-              for (int gi = 0; gi < G; ++gi)
-                if (gi < ng) fake_quant_block(xcur[gi], ms.in13);
-            tile_mma<F, MT, G>(acc, a, s, xcur, ng);
+            if (u % 2 == 0) step(u, kt, xa, xb);
+            else step(u, kt, xb, xa);
           }
         }
       }
@@ -297,11 +283,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int gi = 0; gi < G; ++gi)
-              if (gi < ng)
-#pragma unroll
-                for (int r = 0; r < 4; ++r)
-                  red[((((warp * 2 + mt) * G + gi) * 4 + r) * 32) + lane] = acc[mt][gi][r];
+            for (int r = 0; r < 4; ++r) red[(((warp * 2 + mt) * 4 + r) * 32) + lane] = acc[mt][r];
         }
         team_sync(team, TW);
         if (wt == 0) {
@@ -309,11 +291,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-              for (int gi = 0; gi < G; ++gi)
-                if (gi < ng)
-#pragma unroll
-                  for (int r = 0; r < 4; ++r)
-                    acc[mt][gi][r] += red[(((((warp + w) * 2 + mt) * G + gi) * 4 + r) * 32) + lane];
+              for (int r = 0; r < 4; ++r) acc[mt][r] += red[((((warp + w) * 2 + mt) * 4 + r) * 32) + lane];
         }
         team_sync(team, TW);
       }
@@ -322,45 +300,40 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
       // Epilogue: scales, bias, activation, (W4A4) quantization of a, store.
       const float* b13 = p.L.has_bias ? reinterpret_cast<const float*>(p.wts + L.b13_off) + e * L.b13_expert_floats() : nullptr;
       const int half = 16 * L.i_blocks;
-      const float in13 = p.w4a4 ? ms.in13 : 1.0f;
+      const float in13 = W4A4 ? ms.in13 : 1.0f;
 #pragma unroll
-      for (int gi = 0; gi < G; ++gi) {
-        if (gi >= ng) continue;
+      for (int c = 0; c < 2; ++c) {
+        const int colx = 2 * q + c;
+        const bool valid = colx < np;
+        const int slot = valid ? ls.slots[s0 + pass + colx] : 0;
+        const float wtok = (valid && p.method == RoutingMethod::llama4) ? __ldcg(p.tw + slot) : 1.0f;
+        float av[2];
+        int iv[2];
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int colx = gi * 8 + 2 * q + c;
-          const bool valid = colx < np;
-          const int slot = valid ? ls.slots[s0 + pass + colx] : 0;
-          const float wtok = (valid && p.method == RoutingMethod::llama4) ? __ldcg(p.tw + slot) : 1.0f;
-          float av[2];
-          int iv[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int i = 16 * b + 8 * h + g;
-            float gate = 0.0f, up;
-            if constexpr (GATED) {
-              gate = acc[h][gi][c] * ms.gate * in13 * wtok + (b13 ? b13[i] : 0.0f);
-              up = acc[h][gi][2 + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
-            } else {
-              up = acc[0][gi][2 * h + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
-            }
-            iv[h] = i;
-            av[h] = __bfloat162float(__float2bfloat16_rn(activation(p, gate, up)));
+        for (int h = 0; h < 2; ++h) {
+          const int i = 16 * b + 8 * h + g;
+          float gate = 0.0f, up;
+          if constexpr (GATED) {
+            gate = acc[h][c] * ms.gate * in13 * wtok + (b13 ? b13[i] : 0.0f);
+            up = acc[h][2 + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
+          } else {
+            up = acc[0][2 * h + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
           }
-          if (p.w4a4) {
-            float amax = fmaxf(fabsf(av[0]), fabsf(av[1]));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 8));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
-            const float s = nvfp4_block_scale(amax, ms.in2), denom = s * ms.in2;
+          iv[h] = i;
+          av[h] = __bfloat162float(__float2bfloat16_rn(activation(p, gate, up)));
+        }
+        if constexpr (W4A4) {
+          float amax = fmaxf(fabsf(av[0]), fabsf(av[1]));
+          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 8));
+          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
+          const float sb = nvfp4_block_scale(amax, ms.in2), denom = sb * ms.in2;
 #pragma unroll
-            for (int h = 0; h < 2; ++h) av[h] = e2m1_round(av[h] / denom) * s;
-          }
-          if (valid) {
+          for (int h = 0; h < 2; ++h) av[h] = e2m1_round(av[h] / denom) * sb;
+        }
+        if (valid) {
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
-              p.act[int64_t(slot) * L.i_pad + iv[h]] = __float2bfloat16_rn(av[h]);
-          }
+          for (int h = 0; h < 2; ++h) p.act[int64_t(slot) * L.i_pad + iv[h]] = __float2bfloat16_rn(av[h]);
         }
       }
     }
@@ -368,115 +341,95 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
 }
 
 // ---- phase 2: GEMM2 + finalize --------------------------------------------------------------------
-template <Format F>
+// Position in a warp's work sequence: (work row r, k-tile kt), kt running over the warp's K range.
+struct Cursor {
+  int r, kt;
+  __device__ __forceinline__ void advance(int k0, int k1) {
+    if (++kt == k1) { kt = k0; ++r; }
+  }
+};
+
+template <Format F, bool W4A4>
 __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs) {
-  constexpr int G = kGroups;
   constexpr int U = kPrefetch;
   const PackedLayout& L = p.L;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int TW = p.team2, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
   const int KT = L.k_tiles2;
-  const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW, nk = k1 - k0;
+  const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW;
   const int g = lane >> 2, q = lane & 3;
   const int a_valid_cols = 16 * L.i_blocks;
+  const int nrows = k1 > k0 ? ls.n_rows : 0;  // a warp with an empty K range has no work items
   float* myacc = accs + warp * kTokenChunk * 16;  // [token][row]
   for (int i = lane; i < kTokenChunk * 16; i += 32) myacc[i] = 0.0f;
   __syncwarp();
 
-  // Work item idx = (row r of the (expert, token pass) list, k-tile k0 + idx % nk).
-  const int total = ls.n_rows * nk;
-  auto row_info = [&](int idx, int& e, int& pass, int& kt) {
-    const int r = ls.rows[idx / nk];
-    e = r >> 8;
-    pass = r & 0xff;
-    kt = k0 + idx % nk;
-  };
-  auto b_rows = [&](int e, int pass, const __nv_bfloat16* (&rows)[G], int& ng) {
-    const int n = min(ls.cnt[e] - pass, 8 * G), s0 = ls.start[e] + pass;
-    ng = (n + 7) / 8;
-#pragma unroll
-    for (int gi = 0; gi < G; ++gi) {
-      const int c = gi * 8 + g;
-      rows[gi] = c < n ? p.act + int64_t(ls.slots[s0 + c]) * L.i_pad : nullptr;
-    }
+  // B row of this lane (token column g) for work row r; null past the row's slots.
+  auto b_row = [&](int r) -> const __nv_bfloat16* {
+    const int info = ls.rows[r], e = info >> 8, pass = info & 0xff;
+    const int n = min(ls.cnt[e] - pass, 8);
+    return g < n ? p.act + int64_t(ls.slots[ls.start[e] + pass + g]) * L.i_pad : nullptr;
   };
   for (int task = team * gridDim.x + blockIdx.x; task < L.m_tiles2; task += gridDim.x * teams) {
     const int64_t tile_w = int64_t(task) * KT * kTileBytes + lane * 16;
     const int64_t tile_s = int64_t(task) * KT * kTileScaleBytes + lane * 2;
+    auto load_a = [&](const Cursor& c, uint4& a, uint32_t& s) {
+      const int e = ls.rows[c.r] >> 8;
+      a = ldg_stream(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile_w + int64_t(c.kt) * kTileBytes);
+      s = ldg_u16(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile_s + int64_t(c.kt) * kTileScaleBytes);
+    };
+    Cursor pre{0, k0}, cur{0, k0}, nb{0, k0};
     uint4 abuf[U];
     uint32_t sbuf[U];
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (u < total) {
-        int e, pass, kt;
-        row_info(u, e, pass, kt);
-        abuf[u] = ldg_stream(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile_w + int64_t(kt) * kTileBytes);
-        sbuf[u] = ldg_u16(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile_s + int64_t(kt) * kTileScaleBytes);
-      }
-    float acc[1][G][4];
-#pragma unroll
-    for (int gi = 0; gi < G; ++gi)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[0][gi][r] = 0.0f;
-    uint4 xb[G][2];
-    if (total > 0) {
-      int e, pass, kt, ng;
-      row_info(0, e, pass, kt);
-      const __nv_bfloat16* rows[G];
-      b_rows(e, pass, rows, ng);
-      load_b<G>(xb, rows, kt * kTileCols + 16 * q, kt * kTileCols + 16 * q < a_valid_cols, ng, true);
+      if (pre.r < nrows) { load_a(pre, abuf[u], sbuf[u]); pre.advance(k0, k1); }
+    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    uint4 xa[2], xb[2];
+    if (nrows > 0) {
+      const int col = k0 * kTileCols + 16 * q;
+      load_b<true>(xa, b_row(0), col, col < a_valid_cols);
+      nb.advance(k0, k1);
     }
-
-    for (int base = 0; base < total; base += U) {
+    auto step = [&](int u, uint4 (&bcur)[2], uint4 (&bnxt)[2]) {
+      uint4 a[1] = {abuf[u]};
+      uint32_t sc[1] = {sbuf[u]};
+      if (pre.r < nrows) { load_a(pre, abuf[u], sbuf[u]); pre.advance(k0, k1); }
+      if (nb.r < nrows) {
+        const int col = nb.kt * kTileCols + 16 * q;
+        load_b<true>(bnxt, b_row(nb.r), col, col < a_valid_cols);
+        nb.advance(k0, k1);
+      }
+      tile_mma<F, 1>(acc, a, sc, bcur);
+      if (cur.kt == k1 - 1) {
+        // This warp's K range of the row's expert is done: scatter w * y into its private accumulator.
+        const int info = ls.rows[cur.r], e = info >> 8, pass = info & 0xff;
+        const int n = min(ls.cnt[e] - pass, 8), s0 = ls.start[e] + pass;
+        const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
+        const float f = ms.down * (W4A4 ? ms.in2 : 1.0f);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int colx = 2 * q + c;
+          if (colx < n) {
+            const int slot = ls.slots[s0 + colx];
+            const float w = p.method == RoutingMethod::llama4 ? 1.0f : __ldcg(p.tw + slot);
+            float* dst = myacc + (slot / p.k) * 16;
+            dst[g] += w * (acc[0][c] * f);
+            dst[g + 8] += w * (acc[0][2 + c] * f);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[0][r] = 0.0f;
+        __syncwarp();
+      }
+      cur.advance(k0, k1);
+    };
+    while (cur.r < nrows) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int idx = base + u;
-        if (idx < total) {
-          uint4 a[1] = {abuf[u]};
-          uint32_t s[1] = {sbuf[u]};
-          if (idx + U < total) {
-            int e2, pass2, kt2;
-            row_info(idx + U, e2, pass2, kt2);
-            abuf[u] = ldg_stream(p.wts + L.w2_off + e2 * L.w2_expert_bytes() + tile_w + int64_t(kt2) * kTileBytes);
-            sbuf[u] = ldg_u16(p.wts + L.s2_off + e2 * L.s2_expert_bytes() + tile_s + int64_t(kt2) * kTileScaleBytes);
-          }
-          int e, pass, kt;
-          row_info(idx, e, pass, kt);
-          const int n = min(ls.cnt[e] - pass, 8 * G), s0 = ls.start[e] + pass;
-          const int ng = (n + 7) / 8;
-          uint4 xcur[G][2];
-#pragma unroll
-          for (int gi = 0; gi < G; ++gi) { xcur[gi][0] = xb[gi][0]; xcur[gi][1] = xb[gi][1]; }
-          if (idx + 1 < total) {
-            int en, passn, ktn, ngn;
-            row_info(idx + 1, en, passn, ktn);
-            const __nv_bfloat16* rows[G];
-            b_rows(en, passn, rows, ngn);
-            load_b<G>(xb, rows, ktn * kTileCols + 16 * q, ktn * kTileCols + 16 * q < a_valid_cols, ngn, true);
-          }
-          tile_mma<F, 1, G>(acc, a, s, xcur, ng);
-          if (kt == k1 - 1) {
-            // This warp's K range of the expert is done: scatter w * y into the private accumulator.
-            const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
-            const float f = ms.down * (p.w4a4 ? ms.in2 : 1.0f);
-#pragma unroll
-            for (int gi = 0; gi < G; ++gi) {
-#pragma unroll
-              for (int c = 0; c < 2; ++c) {
-                const int colx = gi * 8 + 2 * q + c;
-                if (colx < n) {
-                  const int slot = ls.slots[s0 + colx];
-                  const float w = p.method == RoutingMethod::llama4 ? 1.0f : __ldcg(p.tw + slot);
-                  float* dst = myacc + (slot / p.k) * 16;
-                  dst[g] += w * (acc[0][gi][c] * f);
-                  dst[g + 8] += w * (acc[0][gi][2 + c] * f);
-                }
-              }
-#pragma unroll
-              for (int r = 0; r < 4; ++r) acc[0][gi][r] = 0.0f;
-            }
-            __syncwarp();
-          }
+        if (cur.r < nrows) {
+          if (u % 2 == 0) step(u, xa, xb);
+          else step(u, xb, xa);
         }
       }
     }
@@ -508,8 +461,10 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
   }
 }
 
-template <Format F, bool GATED>
-__global__ void __launch_bounds__(kDecodeThreads, 2) moe_decode_kernel(const __grid_constant__ DecodeParams p) {
+// NOTES: two blocks per SM (128 registers) for the weight-streaming variants; W4A4 quantizes the
+// activations in registers too and gets the register file of one block instead of spilling.
+template <Format F, bool GATED, bool W4A4>
+__global__ void __launch_bounds__(kDecodeThreads, W4A4 ? 1 : 2) moe_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const SmemLayout sl = SmemLayout::make(p.num_local, p.T * p.k, p.E);
   float* scratch = reinterpret_cast<float*>(smem + sl.scratch_off);
@@ -523,9 +478,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) moe_decode_kernel(const __g
     grid.sync();
   }
   const Lists ls = build_lists(p, smem, sl);
-  gemm1<F, GATED>(p, ls, scratch);
+  gemm1<F, GATED, W4A4>(p, ls, scratch);
   grid.sync();
-  gemm2<F>(p, ls, scratch);
+  gemm2<F, W4A4>(p, ls, scratch);
 }
 
 }  // namespace fp4moe::kernels

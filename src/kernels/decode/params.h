@@ -25,7 +25,7 @@ struct DecodeParams {
   float* tw;                  // [T, k]
   __nv_bfloat16* act;         // [T * k, L.i_pad] intermediate activations (workspace)
   RoutingMethod method;
-  bool route_on_device, renormalize, has_router_bias, logits_bf16, w4a4;
+  bool route_on_device, renormalize, has_router_bias, logits_bf16;
   int n_group, topk_group;
   float routed_scaling_factor;
   Activation act_kind;
