@@ -54,6 +54,8 @@ int pick_team(int64_t tasks, int64_t tiles_per_task, int blocks) {
   return best;
 }
 
+using KernelFn = void (*)(DecodeParams);
+
 // The instantiation set: W4A4 exists for NVFP4 only (validate() rejects it with MXFP4).
 KernelFn pick_kernel(Format f, bool gated, bool w4a4) {
   using namespace kernels;
