@@ -29,7 +29,7 @@ __device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
 // packed scale bytes: one byte permute and one multiply-add each.
 template <Format F>
 __device__ __forceinline__ void scale_pairs(uint32_t bytes, uint32_t& lo, uint32_t& hi) {
-  const uint32_t b0 = __byte_perm(bytes, 0, 0x4140), b1 = __byte_perm(bytes, 0, 0x4141);  // (b, 0, b, 0)
+  const uint32_t b0 = __byte_perm(bytes, 0, 0x4040), b1 = __byte_perm(bytes, 0, 0x4141);  // (b, 0, b, 0)
   if constexpr (F == Format::nvfp4) {
     lo = b0 * 16u + 0x73007300u;  // e4m3 * 2^119
     hi = b1 * 16u + 0x73007300u;

@@ -1,0 +1,127 @@
+// The packed kernel layout, decoded on the host with the same bit formulas the kernels use
+// (kernels/decode/fragments.cuh), must reproduce every weight of the standard layout exactly.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "fp4moe/fp4moe.h"
+
+namespace fp4moe {
+namespace {
+
+float bf16_bits(uint32_t b) { return bf16_to_float(uint16_t(b)); }
+
+// Mirrors e2m1_pair<P> and scale_pairs<F>.
+uint32_t pair_bits(uint32_t w, int p) {
+  switch (p) {
+    case 0: return w & 0x81C081C0u;
+    case 1: return (w << 3) & 0x81C081C0u;
+    case 2: return (w << 6) & 0x81C081C0u;
+    default: return ((w >> 3) & 0x01800180u) | ((w >> 7) & 0x00400040u) | ((w << 1) & 0x80008000u);
+  }
+}
+uint32_t scale_bits(uint8_t b, Format f) { return f == Format::nvfp4 ? (uint32_t(b) << 4) + 0x7300u : uint32_t(b) << 7; }
+
+// Decodes one packed matrix of expert e into [m_tiles * 16, k_tiles * 64] values (before the
+// per-matrix epilogue factor), in packed-row order.
+std::vector<float> decode(const PackedWeights& pw, int64_t w_off, int64_t s_off, int m_tiles, int k_tiles) {
+  const Format f = pw.layout.format;
+  std::vector<float> out(size_t(m_tiles) * 16 * k_tiles * 64);
+  const int64_t K = int64_t(k_tiles) * 64;
+  for (int mt = 0; mt < m_tiles; ++mt)
+    for (int kt = 0; kt < k_tiles; ++kt)
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, q = lane % 4;
+        const uint8_t* wt = pw.bytes.data() + w_off + (int64_t(mt) * k_tiles + kt) * kTileBytes + lane * 16;
+        const uint8_t* st = pw.bytes.data() + s_off + (int64_t(mt) * k_tiles + kt) * kTileScaleBytes + lane * 2;
+        const float s_lo = bf16_bits(scale_bits(st[0], f)), s_hi = bf16_bits(scale_bits(st[1], f));
+        for (int j = 0; j < 4; ++j) {
+          uint32_t w;
+          std::memcpy(&w, wt + 4 * j, 4);
+          for (int p = 0; p < 4; ++p) {
+            const uint32_t bits = pair_bits(w, p);
+            const int row = mt * 16 + g + 8 * (p & 1);
+            const int64_t col = int64_t(kt) * 64 + 16 * q + 4 * j + 2 * (p >> 1);
+            const float s = (p & 1) ? s_hi : s_lo;
+            out[size_t(row * K + col)] = bf16_bits(bits & 0xffff) * s;
+            out[size_t(row * K + col + 1)] = bf16_bits(bits >> 16) * s;
+          }
+        }
+      }
+  return out;
+}
+
+void check_layer(const MoeProblem& p, uint64_t seed) {
+  const MoeWeights w = random_weights(p, seed);
+  const PackedWeights pw = prepack(p, w);
+  const PackedLayout& L = pw.layout;
+  const int I = p.intermediate, H = p.hidden;
+  for (int e = 0; e < p.local_experts(); ++e) {
+    MatrixScales ms;
+    std::memcpy(&ms, pw.bytes.data() + L.scales_off + e * int64_t(sizeof ms), sizeof ms);
+    const ExpertWeights& x = w.experts[size_t(e)];
+    const auto w13 = decode(pw, L.w13_off + e * L.w13_expert_bytes(), L.s13_off + e * L.s13_expert_bytes(),
+                            L.m_tiles13, L.k_tiles13);
+    const int64_t K13 = int64_t(L.k_tiles13) * 64;
+    for (int pr = 0; pr < L.m_tiles13 * 16; ++pr) {
+      const int mt = pr / 16, r = pr % 16;
+      const bool gate = p.gated() && r < 8;
+      const int i = p.gated() ? 16 * (mt / 2) + 8 * (mt % 2) + r % 8 : pr;
+      for (int64_t c = 0; c < K13; ++c) {
+        const float got = w13[size_t(pr * K13 + c)] * (gate ? ms.gate : ms.up);
+        const float want = (i < I && c < H) ? (gate ? x.gate : x.up).element(i, c) : 0.0f;
+        ASSERT_EQ(got, want) << "expert " << e << " W13 packed row " << pr << " (i " << i << ") col " << c;
+      }
+    }
+    const auto w2 = decode(pw, L.w2_off + e * L.w2_expert_bytes(), L.s2_off + e * L.s2_expert_bytes(),
+                           L.m_tiles2, L.k_tiles2);
+    const int64_t K2 = int64_t(L.k_tiles2) * 64;
+    for (int pr = 0; pr < L.m_tiles2 * 16; ++pr)
+      for (int64_t c = 0; c < K2; ++c) {
+        const float got = w2[size_t(pr * K2 + c)] * ms.down;
+        const float want = (pr < H && c < I) ? x.down.element(pr, c) : 0.0f;
+        ASSERT_EQ(got, want) << "expert " << e << " W2 row " << pr << " col " << c;
+      }
+  }
+}
+
+MoeProblem small(Format f, Activation a) {
+  MoeProblem p;
+  p.tokens = 1;
+  p.hidden = 320;
+  p.intermediate = 96;
+  p.num_experts = 3;
+  p.top_k = 2;
+  p.format = f;
+  p.activation.kind = a;
+  return p;
+}
+
+TEST(Prepack, NvfpGatedDecodesExactly) { check_layer(small(Format::nvfp4, Activation::swiglu), 1); }
+TEST(Prepack, NvfpNonGatedDecodesExactly) { check_layer(small(Format::nvfp4, Activation::relu2), 2); }
+TEST(Prepack, MxfpGatedDecodesExactly) { check_layer(small(Format::mxfp4, Activation::swiglu), 3); }
+
+TEST(Prepack, NegativeAndZeroScalesAreFoldedIntoNibbles) {
+  MoeProblem p = small(Format::nvfp4, Activation::swiglu);
+  MoeWeights w = random_weights(p, 4);
+  w.experts[0].gate.scales[0] = 0x00;                                // zero block
+  w.experts[0].gate.scales[1] = uint8_t(w.experts[0].gate.scales[1] | 0x80);  // negative scale
+  const PackedWeights pw = prepack(p, w);
+  const PackedLayout& L = pw.layout;
+  MatrixScales ms;
+  std::memcpy(&ms, pw.bytes.data() + L.scales_off, sizeof ms);
+  const auto w13 = decode(pw, L.w13_off, L.s13_off, L.m_tiles13, L.k_tiles13);
+  for (int c = 0; c < 32; ++c)  // gate row 0 is packed row 0; blocks 0 and 1
+    ASSERT_EQ(w13[size_t(c)] * ms.gate, w.experts[0].gate.element(0, c)) << "col " << c;
+}
+
+TEST(Prepack, RejectsNaNScales) {
+  MoeProblem p = small(Format::nvfp4, Activation::swiglu);
+  MoeWeights w = random_weights(p, 5);
+  w.experts[1].down.scales[3] = 0x7F;
+  EXPECT_THROW(prepack(p, w), Error);
+}
+
+}  // namespace
+}  // namespace fp4moe
