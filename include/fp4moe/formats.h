@@ -19,6 +19,9 @@ float e4m3_to_float(uint8_t code);
 uint8_t float_to_e4m3(float v);               // nearest, ties to even, saturating at +-448; NaN -> 0x7F
 // E8M0 (OCP MX): 2^(code - 127), 0xFF is NaN.
 float e8m0_to_float(uint8_t code);
+// Nearest power of two (significand 1.5 rounds up), saturating to [2^-127, 2^127]; 0 -> 0x00;
+// NaN, inf and negative values -> 0xFF.
+uint8_t float_to_e8m0(float v);
 // bfloat16 stored as uint16_t bits.
 float bf16_to_float(uint16_t bits);
 uint16_t float_to_bf16(float v);              // nearest, ties to even; NaN stays NaN
