@@ -18,6 +18,27 @@
 #include "fp4moe/error.h"
 
 namespace fp4moe::st {
+
+void check_json_depth(std::string_view text, const std::string& name) {
+  int depth = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      FP4MOE_CHECK(++depth <= kMaxJsonDepth,
+                   name << ": JSON nests deeper than " << kMaxJsonDepth
+                        << " levels; this is not a safetensors header or checkpoint config");
+    } else if (c == '}' || c == ']') {
+      --depth;
+    }
+  }
+}
+
 namespace {
 
 using json = nlohmann::json;
@@ -48,28 +69,6 @@ std::string excerpt(std::string_view s) {
   for (char c : s.substr(0, 64)) out += (c >= 0x20 && c < 0x7f) ? c : '?';
   if (s.size() > 64) out += "...";
   return out;
-}
-
-// Rejects nesting deeper than kMaxJsonDepth before the parser sees the text, so no input can make
-// parsing (or destroying the parsed tree) recurse without bound.
-void check_json_depth(std::string_view text, const std::string& name) {
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (char c : text) {
-    if (in_string) {
-      if (escaped) escaped = false;
-      else if (c == '\\') escaped = true;
-      else if (c == '"') in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '{' || c == '[') {
-      FP4MOE_CHECK(++depth <= kMaxJsonDepth,
-                   name << ": JSON nests deeper than " << kMaxJsonDepth
-                        << " levels; this is not a safetensors header or checkpoint config");
-    } else if (c == '}' || c == ']') {
-      --depth;
-    }
-  }
 }
 
 json parse_json(std::string_view text, const std::string& name, const char* what) {

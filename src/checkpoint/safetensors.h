@@ -102,6 +102,10 @@ class Checkpoint {
 // file names (no directories, no ".."), so an index cannot point outside its directory.
 std::map<std::string, std::string> parse_index(std::string_view json, const std::string& name);
 
+// Throws naming `name` when `text` nests JSON arrays / objects deeper than kMaxJsonDepth, so that
+// no input can make a JSON parser recurse without bound. Call before parsing untrusted JSON.
+void check_json_depth(std::string_view text, const std::string& name);
+
 // Reads a small JSON file (config.json, hf_quant_config.json, the index) with the same hostility
 // checks as headers; throws naming the file.
 std::string read_text_file(const std::string& path, uint64_t max_bytes = kMaxHeaderBytes);
