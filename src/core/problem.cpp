@@ -1,0 +1,118 @@
+// MoeProblem: validation of every field against SPEC, and a one-line description.
+#include "fp4moe/problem.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "fp4moe/error.h"
+
+namespace fp4moe {
+
+namespace {
+// The largest top-k any routing kernel supports (one warp holds the k candidates).
+constexpr int kMaxTopK = 32;
+
+bool uses_router_bias(RoutingMethod m) {
+  return m == RoutingMethod::topk_softmax || m == RoutingMethod::deepseek_v3;
+}
+}  // namespace
+
+void MoeProblem::validate() const {
+  FP4MOE_CHECK(tokens >= 0, "tokens (T) must be >= 0, got " << tokens);
+  FP4MOE_CHECK(hidden > 0, "hidden (H) must be positive, got " << hidden);
+  FP4MOE_CHECK(intermediate > 0, "intermediate (I) must be positive, got " << intermediate);
+  FP4MOE_CHECK(num_experts > 0, "num_experts (E) must be positive, got " << num_experts);
+  const int blk = block_size(format);
+  FP4MOE_CHECK(hidden % blk == 0, "hidden (H) = " << hidden << " must be a multiple of " << blk
+                                                  << ", the " << fp4moe::to_string(format)
+                                                  << " block size");
+  FP4MOE_CHECK(intermediate % blk == 0, "intermediate (I) = "
+                                            << intermediate << " must be a multiple of " << blk
+                                            << ", the " << fp4moe::to_string(format)
+                                            << " block size");
+  FP4MOE_CHECK(top_k >= 1 && top_k <= num_experts,
+               "top_k (k) = " << top_k << " must be in [1, num_experts = " << num_experts << "]");
+  FP4MOE_CHECK(top_k <= kMaxTopK, "top_k (k) = " << top_k << " exceeds the supported maximum "
+                                                 << kMaxTopK);
+  FP4MOE_CHECK(num_local_experts >= 0,
+               "num_local_experts must be >= 0 (0 means all experts), got " << num_local_experts);
+  FP4MOE_CHECK(local_expert_offset >= 0 && local_expert_offset < num_experts,
+               "local_expert_offset = " << local_expert_offset << " must be in [0, num_experts = "
+                                        << num_experts << ")");
+  FP4MOE_CHECK(int64_t{local_expert_offset} + local_experts() <= num_experts,
+               "local experts [" << local_expert_offset << ", "
+                                 << int64_t{local_expert_offset} + local_experts()
+                                 << ") exceed num_experts = " << num_experts
+                                 << "; set num_local_experts to at most "
+                                 << num_experts - local_expert_offset);
+  FP4MOE_CHECK(!(input_mode == InputMode::w4a4 && format != Format::nvfp4),
+               "input_mode w4a4 quantizes activations to NVFP4 and needs format nvfp4, got format "
+                   << fp4moe::to_string(format));
+
+  if (activation.kind == Activation::swiglu_oai) {
+    FP4MOE_CHECK(std::isfinite(activation.alpha),
+                 "activation.alpha must be finite, got " << activation.alpha);
+    FP4MOE_CHECK(std::isfinite(activation.limit) && activation.limit > 0,
+                 "activation.limit must be positive and finite, got " << activation.limit);
+  }
+
+  const RoutingConfig& r = routing;
+  FP4MOE_CHECK(!r.has_bias || uses_router_bias(r.method),
+               "routing.has_bias is only used by topk_softmax and deepseek_v3, not by "
+                   << fp4moe::to_string(r.method));
+  switch (r.method) {
+    case RoutingMethod::deepseek_v3:
+      FP4MOE_CHECK(r.n_group >= 1, "routing.n_group must be >= 1, got " << r.n_group);
+      FP4MOE_CHECK(num_experts % r.n_group == 0, "routing.n_group = " << r.n_group
+                                                     << " must divide num_experts = "
+                                                     << num_experts);
+      FP4MOE_CHECK(r.topk_group >= 1 && r.topk_group <= r.n_group,
+                   "routing.topk_group = " << r.topk_group << " must be in [1, n_group = "
+                                           << r.n_group << "]");
+      FP4MOE_CHECK(top_k <= r.topk_group * (num_experts / r.n_group),
+                   "top_k (k) = " << top_k << " exceeds the experts in the kept groups, topk_group * "
+                                  << "(num_experts / n_group) = "
+                                  << r.topk_group * (num_experts / r.n_group));
+      FP4MOE_CHECK(std::isfinite(r.routed_scaling_factor),
+                   "routing.routed_scaling_factor must be finite, got " << r.routed_scaling_factor);
+      break;
+    case RoutingMethod::llama4:
+      FP4MOE_CHECK(top_k == 1, "llama4 routing picks one expert per token: top_k must be 1, got "
+                                   << top_k);
+      break;
+    default:
+      break;
+  }
+}
+
+std::string MoeProblem::to_string() const {
+  std::ostringstream s;
+  s << "T=" << tokens << " H=" << hidden << " I=" << intermediate << " E=" << num_experts
+    << " k=" << top_k;
+  if (local_experts() != num_experts || local_expert_offset != 0)
+    s << " experts=[" << local_expert_offset << "," << local_expert_offset + local_experts() << ")";
+  s << " format=" << fp4moe::to_string(format) << " input=" << fp4moe::to_string(input_mode)
+    << " act=" << fp4moe::to_string(activation.kind);
+  if (activation.kind == Activation::swiglu_oai)
+    s << "(alpha=" << activation.alpha << ",limit=" << activation.limit << ")";
+  s << " routing=" << fp4moe::to_string(routing.method);
+  switch (routing.method) {
+    case RoutingMethod::deepseek_v3:
+      s << "(n_group=" << routing.n_group << ",topk_group=" << routing.topk_group
+        << ",scale=" << routing.routed_scaling_factor << ")";
+      break;
+    case RoutingMethod::softmax_topk:
+    case RoutingMethod::sigmoid_topk:
+      s << (routing.renormalize ? "(renormalize)" : "(no renormalize)");
+      break;
+    default:
+      break;
+  }
+  if (routing.method != RoutingMethod::precomputed)
+    s << " logits=" << fp4moe::to_string(routing.logits_dtype);
+  if (routing.has_bias) s << " router_bias";
+  if (has_bias) s << " expert_bias";
+  return s.str();
+}
+
+}  // namespace fp4moe
