@@ -65,6 +65,7 @@ struct Case {
   const char* name;
   TestModel model;
 };
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 std::vector<Case> cases() {
   TestModel modelopt;  // Qwen3-MoE, ModelOpt NVFP4, one file
