@@ -78,13 +78,13 @@ struct Builder {
   }
 
   // One NVFP4 projection [rows, cols] stored per the format; returns the matrix as loaders see it.
+  // `in_amax`: the calibrated activation amax of the projection's input.
   QuantizedMatrix nvfp4(const std::string& base, int64_t rows, int64_t cols, float stddev,
-                        float* input_scale) {
+                        float in_amax, float* input_scale) {
     const bool ct = m.format == CheckpointFormat::compressed_tensors_nvfp4;
     const auto x = normal(rng, rows * cols, stddev);
     const float g = nvfp4_global_scale(amax(x));
-    // Activation amax as a calibration run would see it, varied per projection.
-    const float in = nvfp4_global_scale(4.0f + static_cast<float>(rng() % 8));
+    const float in = nvfp4_global_scale(in_amax);
     QuantizedMatrix q;
     if (ct) {
       // compressed-tensors keeps the encode direction (448 * 6 / amax) and quantizes with it.
@@ -175,10 +175,14 @@ struct Builder {
         const std::string b = p + "experts." + std::to_string(e) + ".";
         ExpertWeights x;
         float in_gate = 0, in_up = 0;
-        x.gate = nvfp4(b + (mixtral ? "w1." : "gate_proj."), I, H, 0.02f, &in_gate);
+        // Gate and up see the same input, so calibration gives them one activation amax; down's
+        // input differs. Amax values vary per expert as a calibration run's would.
+        const float x_amax = 4.0f + static_cast<float>(rng() % 8);
+        const float a_amax = 1.0f + static_cast<float>(rng() % 8);
+        x.gate = nvfp4(b + (mixtral ? "w1." : "gate_proj."), I, H, 0.02f, x_amax, &in_gate);
         // Different spreads give gate and up different global scales, as in real exports.
-        x.up = nvfp4(b + (mixtral ? "w3." : "up_proj."), I, H, 0.03f, &in_up);
-        x.down = nvfp4(b + (mixtral ? "w2." : "down_proj."), H, I, 0.02f, &x.input_scale2);
+        x.up = nvfp4(b + (mixtral ? "w3." : "up_proj."), I, H, 0.03f, x_amax, &in_up);
+        x.down = nvfp4(b + (mixtral ? "w2." : "down_proj."), H, I, 0.02f, a_amax, &x.input_scale2);
         x.input_scale13 = std::max(in_gate, in_up);
         wl.weights.experts.push_back(std::move(x));
       }
