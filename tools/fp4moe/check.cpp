@@ -225,6 +225,9 @@ int run_check(const CheckOptions& opt) {
   std::printf("routing  %s, %lld of %lld slots on local experts\n",
               std::string(to_string(p.routing.method)).c_str(), static_cast<long long>(local_slots),
               static_cast<long long>(T * k));
+  if (local_slots == 0 && T > 0)
+    std::printf("warning  no slot is routed to the local experts: the output is all zeros and the "
+                "check compares nothing else\n");
 
   t0 = std::chrono::steady_clock::now();
   const std::vector<uint16_t> out = backend.run(p, w, in, opt);

@@ -48,11 +48,12 @@ std::vector<double> matvec(const QuantizedMatrix& m, const std::vector<float>& b
       const uint8_t sc = m.scales[static_cast<size_t>(r * (m.cols / block) + b)];
       const double scale = m.format == Format::nvfp4 ? e4m3_to_float(sc) : e8m0_to_float(sc);
       double block_sum = 0.0;
-      for (int i = 0; i < block; ++i) {
-        const int64_t idx = r * m.cols + b * block + i;
-        const uint8_t byte = m.data[static_cast<size_t>(idx / 2)];
-        const uint8_t code = idx % 2 == 0 ? (byte & 0xF) : (byte >> 4);
-        block_sum += code_value[code] * v[static_cast<size_t>(b * block + i)];
+      const uint8_t* bytes = m.data.data() + (r * m.cols + b * block) / 2;
+      const double* vb = v.data() + b * block;
+      for (int i = 0; i < block; i += 2) {
+        const uint8_t byte = bytes[i / 2];  // element i in the low nibble, i + 1 in the high
+        block_sum += code_value[byte & 0xF] * vb[i];
+        block_sum += code_value[byte >> 4] * vb[i + 1];
       }
       row_sum += scale * block_sum;
     }
