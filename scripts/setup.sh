@@ -5,7 +5,8 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 need_apt=()
-for pkg in cmake g++ ninja-build libgtest-dev libcli11-dev nlohmann-json3-dev python3-pip; do
+for pkg in cmake g++ ninja-build libgtest-dev libcli11-dev nlohmann-json3-dev python3-pip \
+    clang libclang-rt-14-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null; then

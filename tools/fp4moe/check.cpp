@@ -5,11 +5,13 @@
 #include <cmath>
 #include <cstdio>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "commands.h"
+#include "fp4moe/checkpoint.h"
 #include "fp4moe/error.h"
 #include "fp4moe/formats.h"
 #include "fp4moe/moe.h"
@@ -35,6 +37,8 @@ struct CheckOptions {
   std::string experts_local;  // "OFFSET:COUNT", empty: all experts
   std::string backend = "auto";
   int threads = 0;
+  std::string checkpoint;  // instead of a preset: a layer of this checkpoint
+  int layer = -1;
 };
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -126,6 +130,8 @@ const Backend& find_backend(std::string name) {
 }
 
 // ---- the problem ---------------------------------------------------------------------------------
+void parse_experts_local(const CheckOptions& opt, MoeProblem& p);
+
 MoeProblem make_problem(const CheckOptions& opt) {
   const Preset& preset = find_preset(opt.preset);
   MoeProblem p = preset.problem(opt.tokens);
@@ -143,6 +149,13 @@ MoeProblem make_problem(const CheckOptions& opt) {
   }
   if (!opt.format.empty()) p.format = parse_format(opt.format);
   p.input_mode = parse_input_mode(opt.input_mode);
+  parse_experts_local(opt, p);
+  p.validate();
+  return p;
+}
+
+// --experts-local OFFSET:COUNT into the problem's local expert range.
+void parse_experts_local(const CheckOptions& opt, MoeProblem& p) {
   if (!opt.experts_local.empty()) {
     const size_t colon = opt.experts_local.find(':');
     FP4MOE_CHECK(colon != std::string::npos,
@@ -157,8 +170,20 @@ MoeProblem make_problem(const CheckOptions& opt) {
     FP4MOE_CHECK(p.num_local_experts > 0,
                  "--experts-local COUNT must be positive, got " << p.num_local_experts);
   }
-  p.validate();
-  return p;
+}
+
+// A layer of a checkpoint: its problem, weights and router from the files.
+LoadedLayer load_checkpoint_layer(const CheckOptions& opt) {
+  FP4MOE_CHECK(opt.layer >= 0, "--checkpoint needs --layer L (see `fp4moe inspect --checkpoint DIR`)");
+  FP4MOE_CHECK(opt.routing.empty() && opt.format.empty(),
+               "--routing and --format come from the checkpoint; drop them with --checkpoint");
+  MoeProblem range;
+  parse_experts_local(opt, range);
+  LoadOptions lo;
+  lo.input_mode = parse_input_mode(opt.input_mode);
+  lo.local_expert_offset = range.local_expert_offset;
+  lo.num_local_experts = range.num_local_experts;
+  return load_moe_layer(opt.checkpoint, opt.layer, opt.tokens, lo);
 }
 
 // ---- comparison ----------------------------------------------------------------------------------
@@ -190,14 +215,21 @@ Comparison compare(const std::vector<uint16_t>& got, const std::vector<double>& 
 
 int run_check(const CheckOptions& opt) {
   const Backend& backend = find_backend(opt.backend);
-  const MoeProblem p = make_problem(opt);
+  std::optional<LoadedLayer> loaded;
+  if (!opt.checkpoint.empty()) loaded = load_checkpoint_layer(opt);
+  const MoeProblem p = loaded ? loaded->problem : make_problem(opt);
   const int64_t T = p.tokens, H = p.hidden, E = p.num_experts, k = p.top_k;
   std::printf("problem  %s\n", p.to_string().c_str());
 
   auto t0 = std::chrono::steady_clock::now();
-  const MoeWeights w = random_weights(p, opt.seed);
-  std::printf("weights  %d local experts, random (seed %llu), %.2f s\n", p.local_experts(),
-              static_cast<unsigned long long>(opt.seed), seconds_since(t0));
+  const MoeWeights w = loaded ? std::move(loaded->weights) : random_weights(p, opt.seed);
+  if (loaded) {
+    std::printf("weights  %d local experts of layer %d from %s, %.2f s\n", p.local_experts(),
+                opt.layer, opt.checkpoint.c_str(), seconds_since(t0));
+  } else {
+    std::printf("weights  %d local experts, random (seed %llu), %.2f s\n", p.local_experts(),
+                static_cast<unsigned long long>(opt.seed), seconds_since(t0));
+  }
 
   // Inputs: hidden states N(0, 1) in bf16, logits N(0, 1), router bias N(0, 0.1); each from its
   // own stream derived from the seed.
@@ -210,6 +242,11 @@ int run_check(const CheckOptions& opt) {
   for (auto& v : logits) v = normal(rng_l);
   std::vector<float> router_bias(static_cast<size_t>(E));
   for (auto& v : router_bias) v = 0.1f * normal(rng_b);
+  if (loaded) {
+    // The layer's own router: logits from the hidden states, the checkpoint's bias.
+    logits = router_logits(*loaded, x.data(), T);
+    router_bias = loaded->router_bias;
+  }
 
   // The routing both computations share.
   std::vector<int32_t> ids(static_cast<size_t>(T * k));
@@ -273,7 +310,12 @@ void add_check_command(CLI::App& app) {
   auto opt = std::make_shared<CheckOptions>();
   CLI::App* cmd = app.add_subcommand(
       "check", "Run a random layer of a preset and compare it with an independent computation");
-  cmd->add_option("--preset", opt->preset, "Model preset (see `fp4moe presets`)")->required();
+  CLI::Option* preset = cmd->add_option("--preset", opt->preset, "Model preset (see `fp4moe presets`)");
+  CLI::Option* ckpt = cmd->add_option("--checkpoint", opt->checkpoint,
+                                      "Instead of a preset: a checkpoint directory (see docs/checkpoints.md)");
+  preset->excludes(ckpt);
+  cmd->add_option("--layer", opt->layer, "With --checkpoint: the MoE layer to run")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--tokens,-T", opt->tokens, "Tokens T (default 8)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--routing", opt->routing,
                   "Routing method instead of the preset's: softmax_topk, topk_softmax, deepseek_v3, "
@@ -287,6 +329,8 @@ void add_check_command(CLI::App& app) {
   cmd->add_option("--threads", opt->threads, "Host threads (default 0: all cores)")
       ->check(CLI::NonNegativeNumber);
   cmd->callback([opt] {
+    if (opt->preset.empty() && opt->checkpoint.empty())
+      throw CLI::RequiredError("--preset or --checkpoint");
     const int rc = run_check(*opt);
     if (rc != 0) throw CLI::RuntimeError(rc);
   });

@@ -5,6 +5,7 @@
 namespace fp4moe::cli {
 void add_presets_command(CLI::App& app);
 void add_check_command(CLI::App& app);
+void add_inspect_command(CLI::App& app);
 void add_device_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
 }  // namespace fp4moe::cli

@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   fp4moe::cli::add_presets_command(app);
   fp4moe::cli::add_check_command(app);
+  fp4moe::cli::add_inspect_command(app);
   fp4moe::cli::add_device_command(app);
   fp4moe::cli::add_bench_command(app);
   try {
