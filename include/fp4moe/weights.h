@@ -32,6 +32,8 @@ void validate(const MoeProblem& p, const MoeWeights& w);
 
 // Random weights for tests and the CLI: N(0, 0.02)-like values quantized with the library's quantizer
 // (NVFP4 with a per-matrix global scale, or MXFP4), biases when p.has_bias, input scales for W4A4.
+// Deterministic in (p, seed); expert e is the same whatever the local range. Large layers copy rows
+// from a pool of at most 2048 quantized rows per tensor kind (quantizing 10^10 values takes minutes).
 MoeWeights random_weights(const MoeProblem& p, uint64_t seed);
 
 }  // namespace fp4moe

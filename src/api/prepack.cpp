@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <thread>
 #include <vector>
 
@@ -181,7 +182,7 @@ PackedWeights prepack(const MoeProblem& p, const MoeWeights& w) {
 
   const int nthreads = std::max(1, std::min<int>(E, int(std::thread::hardware_concurrency())));
   std::vector<std::thread> pool;
-  std::vector<std::exception_ptr> errors(size_t(nthreads));
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(nthreads));
   for (int t = 0; t < nthreads; ++t) {
     pool.emplace_back([&, t] {
       try {

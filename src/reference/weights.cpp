@@ -57,15 +57,69 @@ void fill_normal(std::mt19937_64& rng, float* out, size_t n, float stddev) {
   }
 }
 
-QuantizedMatrix random_matrix(Format format, int64_t rows, int64_t cols, float stddev,
-                              uint64_t seed, std::vector<float>& scratch) {
-  std::mt19937_64 rng(seed);
-  scratch.resize(static_cast<size_t>(rows * cols));
-  fill_normal(rng, scratch.data(), scratch.size(), stddev);
-  if (format == Format::mxfp4) return quantize_mxfp4(scratch.data(), rows, cols);
+// Quantized rows to draw expert matrices from. Quantizing every element of a large layer (10^10
+// for DeepSeek-V3) with the reference quantizer takes minutes, so each tensor kind (gate, up,
+// down) quantizes at most kMaxPoolRows rows of N(0, stddev) values once, with the library quantizer,
+// and experts copy rows from it. Small layers get one pool row per expert row (no sharing).
+constexpr int64_t kMaxPoolRows = 2048;
+constexpr int64_t kPoolChunkRows = 64;
+
+QuantizedMatrix make_pool(Format format, int64_t rows, int64_t cols, float stddev, uint64_t seed) {
+  std::vector<float> values(static_cast<size_t>(rows * cols));
+  const int64_t chunks = (rows + kPoolChunkRows - 1) / kPoolChunkRows;
+  // Each chunk of rows has its own stream, so the pool does not depend on the thread count.
+  detail::parallel_for(chunks, 0, [&](int64_t c) {
+    std::mt19937_64 rng(mix(seed + static_cast<uint64_t>(c)));
+    const int64_t r0 = c * kPoolChunkRows, r1 = std::min(rows, r0 + kPoolChunkRows);
+    fill_normal(rng, values.data() + r0 * cols, static_cast<size_t>((r1 - r0) * cols), stddev);
+  });
   float amax = 0.0f;
-  for (float v : scratch) amax = std::max(amax, std::fabs(v));
-  return quantize_nvfp4(scratch.data(), rows, cols, nvfp4_global_scale(amax));
+  for (float v : values) amax = std::max(amax, std::fabs(v));
+  const float g = nvfp4_global_scale(amax);
+  QuantizedMatrix pool;
+  pool.format = format;
+  pool.rows = rows;
+  pool.cols = cols;
+  pool.global_scale = format == Format::nvfp4 ? g : 1.0f;
+  pool.data.resize(static_cast<size_t>(rows * cols / 2));
+  pool.scales.resize(static_cast<size_t>(rows * pool.scale_cols()));
+  detail::parallel_for(chunks, 0, [&](int64_t c) {
+    const int64_t r0 = c * kPoolChunkRows, r1 = std::min(rows, r0 + kPoolChunkRows);
+    const float* src = values.data() + r0 * cols;
+    const QuantizedMatrix q = format == Format::nvfp4 ? quantize_nvfp4(src, r1 - r0, cols, g)
+                                                      : quantize_mxfp4(src, r1 - r0, cols);
+    std::copy(q.data.begin(), q.data.end(), pool.data.begin() + r0 * cols / 2);
+    std::copy(q.scales.begin(), q.scales.end(), pool.scales.begin() + r0 * pool.scale_cols());
+  });
+  return pool;
+}
+
+// Expert `e`'s matrix: rows of the pool (expert e's own rows when the pool holds one per expert
+// row, random rows otherwise), rescaled per expert (global scale times [0.75, 1.25) for NVFP4, a
+// power of two in {1/2, 1, 2} for MXFP4) so that experts also differ in scale.
+QuantizedMatrix expert_matrix(const QuantizedMatrix& pool, int64_t rows, int e, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  QuantizedMatrix m;
+  m.format = pool.format;
+  m.rows = rows;
+  m.cols = pool.cols;
+  const int64_t row_bytes = pool.cols / 2, row_scales = pool.scale_cols();
+  m.data.resize(static_cast<size_t>(rows * row_bytes));
+  m.scales.resize(static_cast<size_t>(rows * row_scales));
+  const bool own_rows = pool.rows >= (int64_t{e} + 1) * rows;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t src = own_rows ? int64_t{e} * rows + r : static_cast<int64_t>(rng() % pool.rows);
+    std::copy_n(pool.data.begin() + src * row_bytes, row_bytes, m.data.begin() + r * row_bytes);
+    std::copy_n(pool.scales.begin() + src * row_scales, row_scales, m.scales.begin() + r * row_scales);
+  }
+  if (m.format == Format::nvfp4) {
+    m.global_scale = pool.global_scale * std::uniform_real_distribution<float>(0.75f, 1.25f)(rng);
+  } else {
+    const int shift = static_cast<int>(rng() % 3) - 1;
+    for (uint8_t& s : m.scales) s = static_cast<uint8_t>(std::clamp(int{s} + shift, 0, 254));
+    m.global_scale = 1.0f;
+  }
+  return m;
 }
 
 std::vector<float> random_vector(size_t n, float stddev, uint64_t seed) {
@@ -138,14 +192,25 @@ MoeWeights random_weights(const MoeProblem& p, uint64_t seed) {
   const float up_h_std = kUpStd * std::sqrt(static_cast<float>(H));
   const float a_amax = p.gated() ? 16.0f * h_std * up_h_std : 16.0f * up_h_std * up_h_std;
 
-  // Each expert's tensors depend only on (seed, global expert index, tensor), so a layer restricted
-  // to some local experts holds exactly those experts of the full layer, whatever the thread count.
-  auto make_expert = [&](int i, std::vector<float>& scratch) {
-    const uint64_t base = mix(seed ^ mix(static_cast<uint64_t>(p.local_expert_offset + i)));
+  // Pools depend on (seed, tensor kind, global E) and each expert's tensors on (seed, global expert
+  // index, tensor), so a layer restricted to some local experts holds exactly those experts of the
+  // full layer, whatever the thread count.
+  const auto pool_rows = [&](int64_t rows) {
+    return std::min<int64_t>(kMaxPoolRows, rows * p.num_experts);
+  };
+  QuantizedMatrix gate_pool;
+  if (p.gated()) gate_pool = make_pool(p.format, pool_rows(I), H, kGateStd, mix(seed ^ 0x6A7E));
+  const QuantizedMatrix up_pool = make_pool(p.format, pool_rows(I), H, kUpStd, mix(seed ^ 0x0B));
+  const QuantizedMatrix down_pool =
+      make_pool(p.format, pool_rows(H), I, kDownStd, mix(seed ^ 0xD0));
+
+  detail::parallel_for(n, 0, [&](int64_t i) {
+    const int e = p.local_expert_offset + static_cast<int>(i);
+    const uint64_t base = mix(seed ^ mix(static_cast<uint64_t>(e)));
     ExpertWeights& x = w.experts[static_cast<size_t>(i)];
-    if (p.gated()) x.gate = random_matrix(p.format, I, H, kGateStd, mix(base + 1), scratch);
-    x.up = random_matrix(p.format, I, H, kUpStd, mix(base + 2), scratch);
-    x.down = random_matrix(p.format, H, I, kDownStd, mix(base + 3), scratch);
+    if (p.gated()) x.gate = expert_matrix(gate_pool, I, e, mix(base + 1));
+    x.up = expert_matrix(up_pool, I, e, mix(base + 2));
+    x.down = expert_matrix(down_pool, H, e, mix(base + 3));
     if (p.has_bias) {
       if (p.gated()) x.gate_bias = random_vector(static_cast<size_t>(I), kBiasStd, mix(base + 4));
       x.up_bias = random_vector(static_cast<size_t>(I), kBiasStd, mix(base + 5));
@@ -157,11 +222,6 @@ MoeWeights random_weights(const MoeProblem& p, uint64_t seed) {
     std::uniform_real_distribution<float> jitter(1.0f, 1.25f);
     x.input_scale13 = kXAmax / (6.0f * 448.0f) * jitter(rng);
     x.input_scale2 = a_amax / (6.0f * 448.0f) * jitter(rng);
-  };
-
-  detail::parallel_for(n, 0, [&](int64_t i) {
-    std::vector<float> scratch;
-    make_expert(static_cast<int>(i), scratch);
   });
   return w;
 }

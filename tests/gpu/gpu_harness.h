@@ -28,7 +28,7 @@ struct DevBuf {
   size_t n = 0;
   explicit DevBuf(size_t count = 0) : n(count) {
     if (count) {
-      cudaError_t e = cudaMalloc(&ptr, count * sizeof(T));
+      cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&ptr), count * sizeof(T));
       if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
     }
   }

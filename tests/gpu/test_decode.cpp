@@ -64,7 +64,7 @@ void check_case(const Case& c, uint64_t seed) {
   EXPECT_EQ(st.nan_count, 0) << c.name << ": unwritten or NaN outputs";
   EXPECT_LT(st.rel_l2, 1e-2) << c.name << ": rel L2 " << st.rel_l2 << ", max abs " << st.max_abs;
   EXPECT_EQ(first_mismatch(first, got, p.hidden), "") << c.name << ": two runs differ";
-  RecordProperty("rel_l2_" + c.name, std::to_string(st.rel_l2));
+  ::testing::Test::RecordProperty("rel_l2_" + c.name, std::to_string(st.rel_l2));
   std::printf("  %-40s T=%-4lld rel_l2=%.2e max_abs=%.3e\n", c.name.c_str(), (long long)c.T, st.rel_l2, st.max_abs);
 }
 
