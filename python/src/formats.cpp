@@ -86,13 +86,13 @@ void bind_formats(nb::module_& m) {
           [](const QuantizedMatrix& q) {
             return to_numpy(q.data, {size_t(q.rows), size_t(q.cols / 2)});
           },
-          "A copy of the packed codes, uint8 [rows, cols / 2].")
+          nb::rv_policy::move, "A copy of the packed codes, uint8 [rows, cols / 2].")
       .def_prop_ro(
           "scales",
           [](const QuantizedMatrix& q) {
             return to_numpy(q.scales, {size_t(q.rows), size_t(q.scale_cols())});
           },
-          "A copy of the linear block scales, uint8 [rows, cols / block].")
+          nb::rv_policy::move, "A copy of the linear block scales, uint8 [rows, cols / block].")
       .def("element", &QuantizedMatrix::element, nb::arg("row"), nb::arg("col"))
       .def("__repr__", [](const QuantizedMatrix& q) {
         return "QuantizedMatrix(" + std::string(to_string(q.format)) + ", rows=" +

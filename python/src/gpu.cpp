@@ -243,7 +243,7 @@ void bind_gpu(nb::module_& m) {
       .def_ro("layout", &PackedWeights::layout)
       .def_prop_ro("nbytes", [](const PackedWeights& p) { return p.bytes.size(); })
       .def_prop_ro("bytes", [](const PackedWeights& p) { return to_numpy(p.bytes, {p.bytes.size()}); },
-                   "A copy of the packed bytes, uint8 [nbytes].");
+                   nb::rv_policy::move, "A copy of the packed bytes, uint8 [nbytes].");
 
   m.def(
       "prepack",
@@ -254,7 +254,7 @@ void bind_gpu(nb::module_& m) {
       nb::arg("problem"), nb::arg("weights"),
       "Converts host weights into the packed kernel layout; validates everything first.");
 
-  nb::class_<GpuWeights>(m, "DeviceWeights",
+  nb::class_<GpuWeights>(m, "DeviceWeights", nb::is_weak_referenceable(),
                          "Packed weights in the memory of one CUDA device, with the problem they "
                          "were packed for. Freed when the object is collected or on release().")
       .def_prop_ro("problem", [](const GpuWeights& g) { return g.problem; },

@@ -58,12 +58,9 @@ MoeWeights weights_from_arrays(const MoeProblem& p, const OptArray& gate, const 
                           : "gate must be None for the non-gated activation ")
                    << to_string(p.activation.kind));
   FP4MOE_CHECK(gate.has_value() == gate_scales.has_value(), "pass gate and gate_scales together");
-  FP4MOE_CHECK(p.has_bias == (up_bias.has_value() && down_bias.has_value()) &&
-                   (!p.gated() || !p.has_bias || gate_bias.has_value()),
-               (p.has_bias ? "the problem has has_bias = True: pass gate_bias (gated), up_bias and "
-                             "down_bias"
-                           : "the problem has has_bias = False: pass no biases"));
-  FP4MOE_CHECK(p.has_bias || !gate_bias.has_value(),
+  FP4MOE_CHECK(!p.has_bias || (up_bias && down_bias && (!p.gated() || gate_bias)),
+               "the problem has has_bias = True: pass gate_bias (gated), up_bias and down_bias");
+  FP4MOE_CHECK(p.has_bias || !(gate_bias || up_bias || down_bias),
                "the problem has has_bias = False: pass no biases");
   if (nv) {
     FP4MOE_CHECK(up_global && down_global && (!p.gated() || gate_global),
@@ -244,9 +241,9 @@ void bind_weights(nb::module_& m) {
       .def_ro("gate", &ExpertWeights::gate)
       .def_ro("up", &ExpertWeights::up)
       .def_ro("down", &ExpertWeights::down)
-      .def_prop_ro("gate_bias", [](const ExpertWeights& x) { return to_numpy(x.gate_bias, {x.gate_bias.size()}); })
-      .def_prop_ro("up_bias", [](const ExpertWeights& x) { return to_numpy(x.up_bias, {x.up_bias.size()}); })
-      .def_prop_ro("down_bias", [](const ExpertWeights& x) { return to_numpy(x.down_bias, {x.down_bias.size()}); })
+      .def_prop_ro("gate_bias", [](const ExpertWeights& x) { return to_numpy(x.gate_bias, {x.gate_bias.size()}); }, nb::rv_policy::move)
+      .def_prop_ro("up_bias", [](const ExpertWeights& x) { return to_numpy(x.up_bias, {x.up_bias.size()}); }, nb::rv_policy::move)
+      .def_prop_ro("down_bias", [](const ExpertWeights& x) { return to_numpy(x.down_bias, {x.down_bias.size()}); }, nb::rv_policy::move)
       .def_ro("input_scale13", &ExpertWeights::input_scale13)
       .def_ro("input_scale2", &ExpertWeights::input_scale2);
 
