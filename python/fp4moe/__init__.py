@@ -360,9 +360,9 @@ def moe_forward(weights: DeviceWeights, x: Any, router_logits: Any = None, *,
         if out is not None or stream is not None:
             raise Error("with torch tensors the output is returned and the current CUDA stream is "
                         "used: do not pass out= or stream=")
-        from . import _torch
+        from ._torch import moe_forward as torch_forward
 
-        return _torch.moe_forward(weights, x, router_logits, router_bias=router_bias,
+        return torch_forward(weights, x, router_logits, router_bias=router_bias,
                                   topk_ids=topk_ids, topk_weights=topk_weights,
                                   workspace=workspace)
     if out is None or workspace is None or stream is None:
@@ -406,7 +406,6 @@ def load_moe_layer(directory: Union[str, os.PathLike], layer: int, tokens: int =
 # PyTorch integration: registers torch.ops.fp4moe.moe_forward when torch is installed.
 # FP4MOE_NO_TORCH=1 skips it (importing torch takes seconds).
 if os.environ.get("FP4MOE_NO_TORCH") != "1" and importlib.util.find_spec("torch") is not None:
-    from . import _torch  # noqa: E402,F401
-    from ._torch import MoeExperts  # noqa: E402,F401
+    from ._torch import MoeExperts  # noqa: E402,F401  (also registers the op)
 
     __all__.append("MoeExperts")

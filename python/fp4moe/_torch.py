@@ -14,9 +14,10 @@ The op::
   (through PyTorch's caching allocator) and never synchronizes, so it can be captured in a CUDA
   graph and compiled with torch.compile (a fake implementation gives the output's shape);
 * uses ``workspace`` when given (uint8, contiguous, at least ``fp4moe.workspace_size(problem)``
-  bytes), else a workspace cached per (device, stream, size). The cached one is allocated with
-  torch.empty on the first call on that stream (inside a capture it comes from the graph's memory
-  pool) and then kept for the life of the process, so a captured graph never sees it move.
+  bytes), else a workspace shared per (device, size). The shared one is allocated with torch.empty
+  when the weights get their handle (``handle()``, ``MoeExperts(...)``), i.e. outside any capture,
+  and kept for the life of the process, so a captured graph never sees it move. Calls that may run
+  concurrently on different streams must each pass their own workspace.
 
 Weights must outlive every graph or compiled function that uses them: the handle is looked up on
 each eager call, but a captured graph keeps raw device pointers.
@@ -34,35 +35,61 @@ import torch
 from . import _C
 from ._C import DeviceWeights, Error
 
+class _Info:
+    """What the op needs of a DeviceWeights on every call, read once (not per call)."""
+
+    __slots__ = ("hidden", "experts", "top_k", "router_bias", "precomputed_only", "device",
+                 "workspace_bytes")
+
+    def __init__(self, w: DeviceWeights):
+        p = w.problem
+        self.hidden, self.experts, self.top_k = w.hidden, w.experts, w.top_k
+        self.router_bias = w.router_bias
+        self.precomputed_only = p.routing.method == _C.RoutingMethod.precomputed
+        self.device = w.device
+        self.workspace_bytes = _C.workspace_size(p)
+
+
 _handles: "weakref.WeakValueDictionary[int, DeviceWeights]" = weakref.WeakValueDictionary()
+_info: Dict[int, _Info] = {}
 _ids: Dict[int, int] = {}  # id(weights) -> handle
 _next = itertools.count(1)
 _lock = threading.Lock()
 
-_workspaces: Dict[Tuple[int, int, int], torch.Tensor] = {}
+_workspaces: Dict[Tuple[int, int], torch.Tensor] = {}
+
+
+def _forget(obj_id: int, h: int) -> None:
+    _ids.pop(obj_id, None)
+    _info.pop(h, None)
 
 
 def handle(weights: DeviceWeights) -> int:
-    """The integer the op takes for `weights` (stable for the object's lifetime)."""
+    """The integer the op takes for `weights` (stable for the object's lifetime). The first call
+    also allocates the shared workspace for the weights' problem."""
+    h = _ids.get(id(weights))
+    if h is not None and _handles.get(h) is weights:
+        return h
     if not isinstance(weights, DeviceWeights):
         raise Error(f"weights must be fp4moe.DeviceWeights, got {type(weights).__name__}")
+    info = _Info(weights)
     with _lock:
-        h = _ids.get(id(weights))
-        if h is not None and _handles.get(h) is weights:
-            return h
         h = next(_next)
         _handles[h] = weights
+        _info[h] = info
         _ids[id(weights)] = h
-        weakref.finalize(weights, _ids.pop, id(weights), None)
-        return h
+        weakref.finalize(weights, _forget, id(weights), h)
+    _workspace(info, torch.device("cuda", info.device))
+    return h
 
 
-def weights_of(h: int) -> DeviceWeights:
+def weights_of(h: int) -> Tuple[DeviceWeights, _Info]:
     w = _handles.get(h)
-    if w is None:
+    info = _info.get(h)
+    if w is None or info is None:
         raise Error(f"fp4moe weights handle {h} does not exist or its DeviceWeights was freed; "
                     "keep the DeviceWeights (or the MoeExperts module) alive while calling the op")
-    return w
+    return w, info
 
 
 def _check(t: Optional[torch.Tensor], name: str, dtypes, shape, device: torch.device) -> None:
@@ -82,57 +109,58 @@ def _check(t: Optional[torch.Tensor], name: str, dtypes, shape, device: torch.de
         raise Error(f"{name} must be contiguous; call .contiguous() first")
 
 
-def validate(w: DeviceWeights, x: torch.Tensor, router_logits: Optional[torch.Tensor],
+def validate(w: _Info, x: torch.Tensor, router_logits: Optional[torch.Tensor],
              router_bias: Optional[torch.Tensor], topk_ids: Optional[torch.Tensor],
              topk_weights: Optional[torch.Tensor], workspace: Optional[torch.Tensor]) -> None:
     """Every check of the op's arguments, with the message a caller can act on."""
-    p = w.problem
     if not isinstance(x, torch.Tensor):
         raise Error(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise Error(f"x must be 2-D [tokens, {p.hidden}], got shape {list(x.shape)}")
+        raise Error(f"x must be 2-D [tokens, {w.hidden}], got shape {list(x.shape)}")
     if x.device.type != "cuda":
         raise Error(f"x must be a CUDA tensor, got one on {x.device}")
     if x.device.index != w.device:
         raise Error(f"x is on {x.device} but the weights are on cuda:{w.device}")
     T = x.shape[0]
     dev = x.device
-    _check(x, "x", (torch.bfloat16,), (T, p.hidden), dev)
+    _check(x, "x", (torch.bfloat16,), (T, w.hidden), dev)
     precomputed = topk_ids is not None or topk_weights is not None
     if precomputed:
         if topk_ids is None or topk_weights is None:
             raise Error("pass topk_ids and topk_weights together")
         if router_logits is not None:
             raise Error("pass either router_logits or topk_ids / topk_weights, not both")
-        _check(topk_ids, "topk_ids", (torch.int32,), (T, p.top_k), dev)
-        _check(topk_weights, "topk_weights", (torch.float32,), (T, p.top_k), dev)
+        _check(topk_ids, "topk_ids", (torch.int32,), (T, w.top_k), dev)
+        _check(topk_weights, "topk_weights", (torch.float32,), (T, w.top_k), dev)
     else:
         if router_logits is None:
-            raise Error(f"pass router_logits [{T}, {p.num_experts}] or topk_ids / topk_weights")
-        if p.routing.method == _C.RoutingMethod.precomputed:
+            raise Error(f"pass router_logits [{T}, {w.experts}] or topk_ids / topk_weights")
+        if w.precomputed_only:
             raise Error("these weights were uploaded for precomputed routing: pass topk_ids and "
                         "topk_weights")
         _check(router_logits, "router_logits", (torch.float32, torch.bfloat16),
-               (T, p.num_experts), dev)
-        if p.routing.has_bias and router_bias is None:
-            raise Error(f"the routing has a router bias: pass router_bias float32 [{p.num_experts}]")
-        if not p.routing.has_bias and router_bias is not None:
+               (T, w.experts), dev)
+        if w.router_bias and router_bias is None:
+            raise Error(f"the routing has a router bias: pass router_bias float32 [{w.experts}]")
+        if not w.router_bias and router_bias is not None:
             raise Error("the routing has no router bias (routing.has_bias is False): pass none")
-        _check(router_bias, "router_bias", (torch.float32,), (p.num_experts,), dev)
+        _check(router_bias, "router_bias", (torch.float32,), (w.experts,), dev)
     if workspace is not None:
         _check(workspace, "workspace", (torch.uint8,), (workspace.numel(),), dev)
-        need = _C.workspace_size(p)
+        need = w.workspace_bytes
         if workspace.numel() < need:
             raise Error(f"workspace holds {workspace.numel()} bytes, the layer needs {need} "
                         "(fp4moe.workspace_size(problem))")
 
 
-def _workspace(w: DeviceWeights, device: torch.device, stream: int) -> Tuple[int, int]:
-    nbytes = _C.workspace_size(w.problem)
-    key = (device.index, stream, nbytes)
+def _workspace(w: _Info, device: torch.device) -> Tuple[int, int]:
+    nbytes = max(w.workspace_bytes, 256)
+    key = (device.index, nbytes)
     ws = _workspaces.get(key)
     if ws is None:
-        ws = torch.empty(max(nbytes, 256), dtype=torch.uint8, device=device)
+        # Normally reached from handle(), outside any capture; inside one, torch.empty takes the
+        # memory from the graph's pool, which is legal, and the cache keeps it alive.
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=device)
         _workspaces[key] = ws
     return ws.data_ptr(), ws.numel()
 
@@ -141,8 +169,8 @@ def _forward_cuda(x: torch.Tensor, router_logits: Optional[torch.Tensor],
                   router_bias: Optional[torch.Tensor], topk_ids: Optional[torch.Tensor],
                   topk_weights: Optional[torch.Tensor], weights: int,
                   workspace: Optional[torch.Tensor]) -> torch.Tensor:
-    w = weights_of(weights)
-    validate(w, x, router_logits, router_bias, topk_ids, topk_weights, workspace)
+    w, info = weights_of(weights)
+    validate(info, x, router_logits, router_bias, topk_ids, topk_weights, workspace)
     T, H = x.shape
     out = torch.empty((T, H), dtype=torch.bfloat16, device=x.device)
     if T == 0:
@@ -151,7 +179,7 @@ def _forward_cuda(x: torch.Tensor, router_logits: Optional[torch.Tensor],
     if workspace is not None:
         ws_ptr, ws_bytes = workspace.data_ptr(), workspace.numel()
     else:
-        ws_ptr, ws_bytes = _workspace(w, x.device, stream)
+        ws_ptr, ws_bytes = _workspace(info, x.device)
     pre = topk_ids is not None
     _C.moe_forward_ptr(
         w, T, x.data_ptr(), out.data_ptr(),
