@@ -1,0 +1,411 @@
+"""fp4moe: FP4 (NVFP4 / MXFP4) Mixture-of-Experts layers on Hopper GPUs.
+
+Host side (NumPy): quantize / dequantize, scale layouts, presets and problems, expert weights in the
+checkpoint layout, the CPU reference layer. GPU side (PyTorch or any DLPack producer): prepack and
+upload weights once, then run a layer on the caller's CUDA stream. With PyTorch installed, importing
+fp4moe also registers the custom op ``torch.ops.fp4moe.moe_forward`` (see fp4moe._torch).
+
+Every failure raises :class:`fp4moe.Error`, a subclass of both ValueError and RuntimeError whose
+message names the argument and what was expected. See docs/python.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _C
+from ._C import (
+    Activation,
+    ActivationConfig,
+    DeviceWeights,
+    DType,
+    Error,
+    ExpertWeights,
+    Format,
+    InputMode,
+    MoeProblem,
+    MoeWeights,
+    PackedLayout,
+    PackedWeights,
+    Preset,
+    QuantizedMatrix,
+    RoutingConfig,
+    RoutingMethod,
+    ScaleDirection,
+    ScaleLayout,
+    convert_global_scale,
+    find_preset,
+    nvfp4_global_scale,
+    presets,
+    swizzled_size,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation", "ActivationConfig", "DType", "DeviceWeights", "Error", "ExpertWeights", "Format",
+    "InputMode", "LoadedLayer", "MoeProblem", "MoeWeights", "PackedLayout", "PackedWeights",
+    "Preset", "QuantizedMatrix", "ReferenceResult", "RoutingConfig", "RoutingMethod",
+    "ScaleDirection", "ScaleLayout", "convert_global_scale", "dequantize", "find_preset",
+    "gpu_available", "has_checkpoint_loader", "load_moe_layer", "make_plan", "make_problem",
+    "make_weights", "moe_forward", "nvfp4_global_scale", "prepack", "presets", "quantize_mxfp4",
+    "quantize_nvfp4", "random_weights", "reference_forward", "route", "swizzle_scales",
+    "swizzled_size", "to_device", "unswizzle_scales", "upload", "workspace_size",
+]
+
+_ENUMS = {
+    "format": Format,
+    "direction": ScaleDirection,
+    "scale_layout": ScaleLayout,
+    "routing": RoutingMethod,
+    "activation": Activation,
+    "input_mode": InputMode,
+    "logits_dtype": DType,
+}
+
+
+def _enum(kind: str, value: Any):
+    """Accepts an enum member or its name (e.g. "nvfp4")."""
+    cls = _ENUMS[kind]
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            return cls.__members__[value]
+        except KeyError:
+            names = ", ".join(cls.__members__)
+            raise Error(f"unknown {kind} {value!r}; expected one of: {names}") from None
+    raise Error(f"{kind} must be a {cls.__name__} or its name, got {type(value).__name__}")
+
+
+def _as_u8(a: Any, name: str) -> np.ndarray:
+    """uint8 view of 1-byte scale arrays (uint8, or ml_dtypes float8_e4m3fn / float8_e8m0fnu)."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.dtype != np.uint8 and a.dtype.itemsize == 1 and a.dtype.name.startswith("float8"):
+        a = a.view(np.uint8)
+    if a.dtype != np.uint8:
+        raise Error(f"{name} must be uint8 (or an ml_dtypes float8 type), got {a.dtype}")
+    return a
+
+
+def _is_bf16(a: np.ndarray) -> bool:
+    return a.dtype.name == "bfloat16"
+
+
+def _bf16_or_f32(a: Any, name: str) -> np.ndarray:
+    """float32, uint16 (bfloat16 bits) or ml_dtypes.bfloat16 (passed on as its bits)."""
+    a = np.asarray(a)
+    if _is_bf16(a):
+        return a.view(np.uint16)
+    if a.dtype not in (np.float32, np.uint16):
+        raise Error(f"{name} must be float32, uint16 (bfloat16 bits) or ml_dtypes.bfloat16, "
+                    f"got {a.dtype}")
+    return a
+
+
+def _per_expert(v: Any, name: str, experts: int) -> Optional[np.ndarray]:
+    """A scalar or a sequence of per-expert float values -> float32 [experts]."""
+    if v is None:
+        return None
+    a = np.asarray(v, dtype=np.float32)
+    if a.ndim == 0:
+        a = np.full(experts, a, dtype=np.float32)
+    if a.shape != (experts,):
+        raise Error(f"{name} must be a scalar or have shape [{experts}], got {list(a.shape)}")
+    return np.ascontiguousarray(a)
+
+
+def _bias(v: Any, name: str) -> Optional[np.ndarray]:
+    if v is None:
+        return None
+    a = np.asarray(v)
+    if _is_bf16(a) or a.dtype == np.float16:
+        a = a.astype(np.float32)
+    if a.dtype != np.float32:
+        raise Error(f"{name} must be float32 (or bfloat16 / float16), got {a.dtype}")
+    return a
+
+
+# ---- problems ------------------------------------------------------------------------------------
+
+
+def make_problem(preset: Optional[str] = None, tokens: int = 0, **fields: Any) -> MoeProblem:
+    """A validated MoeProblem, from a preset name and/or explicit fields.
+
+    Fields: hidden, intermediate, num_experts, top_k, local_expert_offset, num_local_experts,
+    format, input_mode, has_bias; activation (name or ActivationConfig), alpha, limit; routing
+    (name or RoutingConfig), renormalize, n_group, topk_group, routed_scaling_factor,
+    router_bias (routing.has_bias), logits_dtype. Enum values may be given by name.
+    """
+    p = find_preset(preset).problem(tokens) if preset is not None else MoeProblem()
+    p.tokens = tokens
+    plain = {"hidden", "intermediate", "num_experts", "top_k", "local_expert_offset",
+             "num_local_experts", "has_bias"}
+    routing_fields = {"renormalize", "n_group", "topk_group", "routed_scaling_factor"}
+    r = p.routing
+    a = p.activation
+    for key, value in fields.items():
+        if key in plain:
+            setattr(p, key, value)
+        elif key in ("format", "input_mode"):
+            setattr(p, key, _enum(key, value))
+        elif key == "routing":
+            if isinstance(value, RoutingConfig):
+                r = value
+            else:
+                r.method = _enum("routing", value)
+        elif key in routing_fields:
+            setattr(r, key, value)
+        elif key == "router_bias":
+            r.has_bias = bool(value)
+        elif key == "logits_dtype":
+            r.logits_dtype = _enum("logits_dtype", value)
+        elif key == "activation":
+            if isinstance(value, ActivationConfig):
+                a = value
+            else:
+                a.kind = _enum("activation", value)
+        elif key in ("alpha", "limit"):
+            setattr(a, key, value)
+        else:
+            raise Error(f"make_problem: unknown field {key!r}")
+    p.routing = r
+    p.activation = a
+    p.validate()
+    return p
+
+
+# ---- formats -------------------------------------------------------------------------------------
+
+
+def quantize_nvfp4(x: np.ndarray, global_scale: Optional[float] = None,
+                   direction: Union[str, ScaleDirection] = "decode") -> QuantizedMatrix:
+    """NVFP4 (ModelOpt recipe) of float32 x [rows, cols], cols a multiple of 16.
+
+    global_scale is read in `direction` ("decode": value = e2m1 * s * g, ModelOpt weight_scale_2;
+    "encode": value = e2m1 * s / g); None derives it from amax(|x|). The result stores the decode
+    direction.
+    """
+    return _C.quantize_nvfp4(x, global_scale, _enum("direction", direction))
+
+
+def quantize_mxfp4(x: np.ndarray) -> QuantizedMatrix:
+    """MXFP4 (OCP MX v1.0) of float32 x [rows, cols], cols a multiple of 32."""
+    return _C.quantize_mxfp4(x)
+
+
+def dequantize(m: QuantizedMatrix) -> np.ndarray:
+    """float32 [rows, cols] values of an FP4 matrix."""
+    return _C.dequantize(m)
+
+
+def swizzle_scales(scales: np.ndarray) -> np.ndarray:
+    """Linear block scales [rows, kcols] -> 1-D swizzled 128x4 stream (TRT-LLM / FlashInfer)."""
+    return _C.swizzle_scales(_as_u8(scales, "scales"))
+
+
+def unswizzle_scales(scales: np.ndarray, rows: int, kcols: int) -> np.ndarray:
+    """1-D swizzled 128x4 stream -> linear block scales uint8 [rows, kcols]."""
+    return _C.unswizzle_scales(_as_u8(scales, "scales"), rows, kcols)
+
+
+# ---- weights and the CPU reference ---------------------------------------------------------------
+
+
+def make_weights(problem: MoeProblem, *, up: np.ndarray, up_scales: np.ndarray, down: np.ndarray,
+                 down_scales: np.ndarray, gate: Optional[np.ndarray] = None,
+                 gate_scales: Optional[np.ndarray] = None, gate_global_scale: Any = None,
+                 up_global_scale: Any = None, down_global_scale: Any = None,
+                 gate_bias: Any = None, up_bias: Any = None, down_bias: Any = None,
+                 input_scale13: Any = None, input_scale2: Any = None,
+                 direction: Union[str, ScaleDirection] = "decode",
+                 scale_layout: Union[str, ScaleLayout] = "linear") -> MoeWeights:
+    """Host weights of the problem's local experts from arrays in the checkpoint layout.
+
+    Every tensor is stacked over the E local experts:
+      gate, up: uint8 [E, I, H/2] (gate None for relu2); down: uint8 [E, H, I/2]
+      *_scales: uint8 / float8 [E, rows, cols/block] (linear), or [E, swizzled_size(rows, cols/16)]
+                with scale_layout="swizzled_128x4" (nvfp4)
+      *_global_scale: nvfp4 only, scalar or [E], read in `direction` (ModelOpt weight_scale_2 is
+                "decode"; compressed-tensors weight_global_scale is "encode")
+      *_bias: float32 / bfloat16 [E, I] (gate, up), [E, H] (down), iff problem.has_bias
+      input_scale13 / input_scale2: W4A4 activation scales (decode direction), scalar or [E]
+    """
+    E = problem.local_experts()
+    return _C.make_weights(
+        problem, _as_u8(gate, "gate"), _as_u8(gate_scales, "gate_scales"), _as_u8(up, "up"),
+        _as_u8(up_scales, "up_scales"), _as_u8(down, "down"), _as_u8(down_scales, "down_scales"),
+        _per_expert(gate_global_scale, "gate_global_scale", E),
+        _per_expert(up_global_scale, "up_global_scale", E),
+        _per_expert(down_global_scale, "down_global_scale", E),
+        _bias(gate_bias, "gate_bias"), _bias(up_bias, "up_bias"), _bias(down_bias, "down_bias"),
+        _per_expert(input_scale13, "input_scale13", E),
+        _per_expert(input_scale2, "input_scale2", E),
+        _enum("direction", direction), _enum("scale_layout", scale_layout))
+
+
+def random_weights(problem: MoeProblem, seed: int = 0) -> MoeWeights:
+    """Random weights (N(0, 0.02)-like, quantized by the library) for tests and benchmarks."""
+    return _C.random_weights(problem, seed)
+
+
+@dataclasses.dataclass
+class ReferenceResult:
+    out: np.ndarray            # float32 [T, H]: the bf16 output, widened
+    out_bf16_bits: np.ndarray  # uint16 [T, H]: the same values as bfloat16 bits
+    out_f32: np.ndarray        # float32 [T, H]: before the final bf16 rounding
+    topk_ids: np.ndarray       # int32 [T, k]: the routing used
+    topk_weights: np.ndarray   # float32 [T, k]
+
+
+def reference_forward(problem: MoeProblem, weights: MoeWeights, x: np.ndarray,
+                      logits: Optional[np.ndarray] = None, *,
+                      router_bias: Optional[np.ndarray] = None,
+                      topk_ids: Optional[np.ndarray] = None,
+                      topk_weights: Optional[np.ndarray] = None,
+                      threads: int = 0) -> ReferenceResult:
+    """The CPU reference layer (SPEC "The layer"), the oracle of every GPU result.
+
+    x: [T, H] float32 (rounded to bf16 first), uint16 bf16 bits or ml_dtypes.bfloat16.
+    Either logits [T, E] (float32, or bf16 as above) with the problem's routing, or topk_ids
+    (int32 [T, k]) and topk_weights (float32 [T, k]). T comes from x; problem.tokens is ignored.
+    """
+    d = _C.reference_forward(
+        problem, weights, _bf16_or_f32(x, "x"),
+        None if logits is None else _bf16_or_f32(logits, "logits"), router_bias, topk_ids,
+        topk_weights, threads)
+    return ReferenceResult(**d)
+
+
+def route(problem: MoeProblem, logits: np.ndarray, router_bias: Optional[np.ndarray] = None):
+    """Host routing: (topk_ids int32 [T, k], topk_weights float32 [T, k])."""
+    return _C.route(problem, _bf16_or_f32(logits, "logits"), router_bias)
+
+
+# ---- GPU -----------------------------------------------------------------------------------------
+
+
+def gpu_available() -> bool:
+    """True when a Hopper (sm_90) CUDA device is present."""
+    return _C.gpu_available()[0]
+
+
+def gpu_unavailable_reason() -> str:
+    """Why gpu_available() is False ('' when it is True)."""
+    return _C.gpu_available()[1]
+
+
+def workspace_size(problem: MoeProblem) -> int:
+    """Bytes of workspace a GPU call needs; independent of the token count."""
+    return _C.workspace_size(problem)
+
+
+def make_plan(problem: MoeProblem, device: int = 0) -> str:
+    """The launch plan the GPU call would use on `device`, printed."""
+    return _C.make_plan(problem, device)
+
+
+def prepack(problem: MoeProblem, weights: MoeWeights) -> PackedWeights:
+    """Host weights -> the library's packed kernel layout (validates everything first)."""
+    return _C.prepack(problem, weights)
+
+
+def upload(problem: MoeProblem, packed: PackedWeights, device: int = 0,
+           stream: int = 0) -> DeviceWeights:
+    """Copies packed weights to CUDA device `device` and waits for the copy (not capturable)."""
+    return _C.upload(problem, packed, device, stream)
+
+
+def to_device(problem: MoeProblem, weights: MoeWeights, device: Any = 0) -> DeviceWeights:
+    """prepack + upload. `device` is an index, "cuda:N" or a torch.device."""
+    return upload(problem, prepack(problem, weights), _device_index(device))
+
+
+def _device_index(device: Any) -> int:
+    if isinstance(device, int):
+        return device
+    index = getattr(device, "index", None)
+    if getattr(device, "type", None) == "cuda":
+        return 0 if index is None else int(index)
+    if isinstance(device, str) and device.startswith("cuda"):
+        return int(device.split(":")[1]) if ":" in device else 0
+    raise Error(f"device must be a CUDA device index, 'cuda:N' or a torch.device, got {device!r}")
+
+
+def _is_torch_tensor(a: Any) -> bool:
+    return type(a).__module__.startswith("torch") and hasattr(a, "data_ptr")
+
+
+def moe_forward(weights: DeviceWeights, x: Any, router_logits: Any = None, *,
+                router_bias: Any = None, topk_ids: Any = None, topk_weights: Any = None,
+                out: Any = None, workspace: Any = None, stream: Optional[int] = None) -> Any:
+    """The layer on the GPU.
+
+    PyTorch tensors go through the custom op torch.ops.fp4moe.moe_forward (on the current CUDA
+    stream, capturable in CUDA graphs; `out` and `stream` are not accepted there). Other DLPack
+    producers (CuPy, JAX, ...) need out (bf16 [T, H]), workspace (uint8, >= workspace_size()) and
+    stream (a cudaStream_t as int) and return `out`.
+
+    x: bf16 [T, H]. Either router_logits [T, E] (float32 or bf16; with router_bias float32 [E] when
+    the problem's routing has one) or topk_ids (int32 [T, k]) and topk_weights (float32 [T, k]).
+    """
+    if _is_torch_tensor(x):
+        if out is not None or stream is not None:
+            raise Error("with torch tensors the output is returned and the current CUDA stream is "
+                        "used: do not pass out= or stream=")
+        from ._torch import moe_forward as torch_forward
+
+        return torch_forward(weights, x, router_logits, router_bias=router_bias,
+                                  topk_ids=topk_ids, topk_weights=topk_weights,
+                                  workspace=workspace)
+    if out is None or workspace is None or stream is None:
+        raise Error("the DLPack path needs out (bf16 [T, H]), workspace (uint8, at least "
+                    "workspace_size(problem) bytes) and stream (a cudaStream_t as int)")
+    _C.moe_forward_dlpack(weights, x, out, workspace, int(stream), router_logits, router_bias,
+                          topk_ids, topk_weights)
+    return out
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def has_checkpoint_loader() -> bool:
+    """Whether this build includes the checkpoint loader (fp4moe/checkpoint.h)."""
+    return _C.has_checkpoint_loader()
+
+
+@dataclasses.dataclass
+class LoadedLayer:
+    problem: MoeProblem
+    weights: MoeWeights
+    router_weight: np.ndarray  # float32 [E, H]
+    router_bias: np.ndarray    # float32 [E], or empty when the routing has no bias
+    warnings: Sequence[str]
+
+
+def load_moe_layer(directory: Union[str, os.PathLike], layer: int, tokens: int = 1, *,
+                   input_mode: Union[str, InputMode] = "w4a16", local_expert_offset: int = 0,
+                   num_local_experts: int = 0) -> LoadedLayer:
+    """Loads the routed experts and router of MoE layer `layer` of an FP4 checkpoint directory
+    (ModelOpt NVFP4, compressed-tensors NVFP4 or gpt-oss MXFP4; see docs/checkpoints.md)."""
+    if not has_checkpoint_loader():
+        raise Error("this build of fp4moe has no checkpoint loader (include/fp4moe/checkpoint.h "
+                    "was absent when it was built)")
+    d = _C.load_moe_layer(os.fspath(directory), layer, tokens, _enum("input_mode", input_mode),
+                          local_expert_offset, num_local_experts)
+    return LoadedLayer(**d)
+
+
+# PyTorch integration: registers torch.ops.fp4moe.moe_forward when torch is installed.
+# FP4MOE_NO_TORCH=1 skips it (importing torch takes seconds).
+if os.environ.get("FP4MOE_NO_TORCH") != "1" and importlib.util.find_spec("torch") is not None:
+    from ._torch import MoeExperts  # noqa: E402,F401  (also registers the op)
+
+    __all__.append("MoeExperts")

@@ -1,0 +1,48 @@
+// Binding of the checkpoint loader (fp4moe/checkpoint.h). The loader lives in its own component;
+// when this tree has no include/fp4moe/checkpoint.h, CMake leaves FP4MOE_HAVE_CHECKPOINT undefined
+// and the module exposes has_checkpoint_loader() == False instead of load_moe_layer.
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "common.h"
+
+#if FP4MOE_HAVE_CHECKPOINT
+#include "fp4moe/checkpoint.h"
+#endif
+
+namespace fp4moe::py {
+
+void bind_checkpoint(nb::module_& m) {
+#if FP4MOE_HAVE_CHECKPOINT
+  m.def("has_checkpoint_loader", [] { return true; });
+  m.def(
+      "load_moe_layer",
+      [](const std::string& dir, int layer, int64_t tokens, InputMode input_mode,
+         int local_expert_offset, int num_local_experts) {
+        LoadOptions opt;
+        opt.input_mode = input_mode;
+        opt.local_expert_offset = local_expert_offset;
+        opt.num_local_experts = num_local_experts;
+        LoadedLayer l;
+        {
+          nb::gil_scoped_release nogil;
+          l = load_moe_layer(dir, layer, tokens, opt);
+        }
+        nb::dict d;
+        const size_t E = size_t(l.problem.num_experts), H = size_t(l.problem.hidden);
+        const size_t nbias = l.router_bias.size();
+        d["problem"] = l.problem;
+        d["router_weight"] = to_numpy(std::move(l.router_weight), {E, H});
+        d["router_bias"] = to_numpy(std::move(l.router_bias), {nbias});
+        d["warnings"] = l.warnings;
+        d["weights"] = std::move(l.weights);
+        return d;
+      },
+      nb::arg("dir"), nb::arg("layer"), nb::arg("tokens"), nb::arg("input_mode"),
+      nb::arg("local_expert_offset"), nb::arg("num_local_experts"));
+#else
+  m.def("has_checkpoint_loader", [] { return false; });
+#endif
+}
+
+}  // namespace fp4moe::py
