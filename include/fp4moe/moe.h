@@ -62,6 +62,7 @@ struct Plan {
   int team_warps2 = 0;       // warps that split K of one GEMM2 task
   int64_t chunks = 0;        // launches (token chunks of kTokenChunk)
   size_t smem_bytes = 0;     // dynamic shared memory per block
+  int64_t l2_prefetch_bytes = 0;  // GEMM2 weights prefetched into L2 while GEMM1 runs
   std::string to_string() const;
 };
 

@@ -20,7 +20,7 @@ using kernels::kDecodeThreads;
 using kernels::SmemLayout;
 
 struct DeviceInfo {
-  int device = -1, sms = 0, major = 0, minor = 0;
+  int device = -1, sms = 0, major = 0, minor = 0, l2_bytes = 0;
   size_t smem_optin = 0;
 };
 
@@ -33,6 +33,7 @@ DeviceInfo device_info() {
   d.major = prop.major;
   d.minor = prop.minor;
   d.smem_optin = prop.sharedMemPerBlockOptin;
+  d.l2_bytes = prop.l2CacheSize;
   return d;
 }
 
@@ -116,7 +117,8 @@ bool gpu_available(std::string* why) {
 std::string Plan::to_string() const {
   std::ostringstream o;
   o << "plan{sms=" << sms << " blocks=" << blocks << " threads=" << threads << " team1=" << team_warps1
-    << " team2=" << team_warps2 << " chunks=" << chunks << " smem=" << smem_bytes << "}";
+    << " team2=" << team_warps2 << " chunks=" << chunks << " smem=" << smem_bytes
+    << " l2_prefetch=" << l2_prefetch_bytes << "}";
   return o.str();
 }
 
@@ -142,6 +144,8 @@ Plan make_plan(const MoeProblem& p) {
   plan.sms = info.sms;
   plan.threads = kDecodeThreads;
   plan.chunks = ceil_div(p.tokens, kTokenChunk);
+  // Half of L2 for GEMM2's weights: the rest keeps the activations and the GEMM1 stream.
+  plan.l2_prefetch_bytes = info.l2_bytes / 2;
   const int slots = int(std::min<int64_t>(p.tokens, kTokenChunk)) * p.top_k;
   plan.smem_bytes = size_t(SmemLayout::make(p.local_experts(), slots, p.num_experts).total);
   FP4MOE_CHECK(plan.smem_bytes <= info.smem_optin,
@@ -221,6 +225,7 @@ void run(const MoeProblem& p, const DeviceWeights& w, const DeviceInputs& in, vo
   kp.limit = p.activation.limit;
   kp.team1 = plan.team_warps1;
   kp.team2 = plan.team_warps2;
+  kp.l2_prefetch_bytes = plan.l2_prefetch_bytes;
 
   KernelFn fn = pick_kernel(p.format, p.gated(), p.input_mode == InputMode::w4a4);
   cudaLaunchAttribute attr[1];

@@ -30,6 +30,8 @@ struct Lists {
   int* active;  // [n_active] local experts with slots, increasing
   int* slots;   // [T * k] slot indices (t * k + j) sorted by expert, then slot
   int* rows;    // [n_rows] GEMM2 work rows: (local expert << 8) | first slot of a pass of 8 * kGroups
+  const int* ids;    // [T * k] routed expert ids of the chunk (shared-memory copy)
+  const float* tw;   // [T * k] routing weights
   int n_active, n_rows;
 };
 
@@ -94,8 +96,11 @@ __device__ __forceinline__ float activation(const DecodeParams& p, float gate, f
 }
 
 // ---- expert lists ---------------------------------------------------------------------------------
+// Expects the chunk's routing in shared memory (sl.ids_off / sl.tw_off).
 __device__ inline Lists build_lists(const DecodeParams& p, uint8_t* smem, const SmemLayout& sl) {
   Lists ls;
+  ls.ids = reinterpret_cast<const int*>(smem + sl.ids_off);
+  ls.tw = reinterpret_cast<const float*>(smem + sl.tw_off);
   ls.cnt = reinterpret_cast<int*>(smem + sl.cnt_off);
   ls.start = reinterpret_cast<int*>(smem + sl.start_off);
   ls.active = reinterpret_cast<int*>(smem + sl.active_off);
@@ -106,7 +111,7 @@ __device__ inline Lists build_lists(const DecodeParams& p, uint8_t* smem, const 
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) ls.cnt[e] = 0;
   __syncthreads();
   for (int s = threadIdx.x; s < nslots; s += blockDim.x) {
-    int e = __ldcg(p.ids + s) - p.local_offset;
+    int e = ls.ids[s] - p.local_offset;
     if (e >= 0 && e < p.num_local) atomicAdd(&ls.cnt[e], 1);
   }
   __syncthreads();
@@ -138,7 +143,7 @@ __device__ inline Lists build_lists(const DecodeParams& p, uint8_t* smem, const 
       int s = base + lane;
       int e = -1;
       if (s < nslots) {
-        e = __ldcg(p.ids + s) - p.local_offset;
+        e = ls.ids[s] - p.local_offset;
         if (e < 0 || e >= p.num_local) e = -1;
       }
       unsigned peers = __match_any_sync(0xffffffffu, e);
@@ -218,6 +223,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
   const int g = lane >> 2, q = lane & 3;
   const int ntasks = ls.n_active * L.i_blocks;
   const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * kTileScaleBytes;
+  const uint64_t stream_policy = evict_first_policy();
 
   for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
     const int ai = task / L.i_blocks, b = task % L.i_blocks;
@@ -243,7 +249,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
         if (k0 + u < k1)
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(k0 + u) * kTileBytes);
+            abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(k0 + u) * kTileBytes, stream_policy);
             sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(k0 + u) * kTileScaleBytes);
           }
       uint4 xa[2], xb[2];
@@ -258,7 +264,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
         if (kt + U < k1)
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(kt + U) * kTileBytes);
+            abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(kt + U) * kTileBytes, stream_policy);
             sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(kt + U) * kTileScaleBytes);
           }
         const int ncol = (kt + 1) * kTileCols + 16 * q;
@@ -306,7 +312,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
         const int colx = 2 * q + c;
         const bool valid = colx < np;
         const int slot = valid ? ls.slots[s0 + pass + colx] : 0;
-        const float wtok = (valid && p.method == RoutingMethod::llama4) ? __ldcg(p.tw + slot) : 1.0f;
+        const float wtok = (valid && p.method == RoutingMethod::llama4) ? ls.tw[slot] : 1.0f;
         float av[2];
         int iv[2];
 #pragma unroll
@@ -336,6 +342,33 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
           for (int h = 0; h < 2; ++h) p.act[int64_t(slot) * L.i_pad + iv[h]] = __float2bfloat16_rn(av[h]);
         }
       }
+    }
+  }
+}
+
+// ---- L2 prefetch of GEMM2's weights -----------------------------------------------------------------
+// Issued right after the expert lists exist, so the GEMM2 bytes stream from HBM while GEMM1 runs
+// and the second phase starts from L2 instead of paying the memory latency again after the grid
+// barrier. Each warp prefetches, within its share of the budget, exactly the tiles it will read
+// first in phase 2 (same task and K range mapping as gemm2).
+__device__ inline void prefetch_gemm2(const DecodeParams& p, const Lists& ls) {
+  const PackedLayout& L = p.L;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int TW = p.team2, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
+  const int KT = L.k_tiles2;
+  const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW;
+  if (lane != 0 || k1 <= k0) return;
+  const int64_t budget = p.l2_prefetch_bytes / (int64_t(gridDim.x) * kDecodeWarps);
+  const uint32_t wbytes = uint32_t(k1 - k0) * kTileBytes, sbytes = uint32_t(k1 - k0) * kTileScaleBytes;
+  int64_t used = 0;
+  for (int task = team * gridDim.x + blockIdx.x; task < L.m_tiles2; task += gridDim.x * teams) {
+    for (int ai = 0; ai < ls.n_active; ++ai) {
+      if (used + wbytes + sbytes > budget) return;
+      const int e = ls.active[ai];
+      const int64_t tile = int64_t(task) * KT + k0;
+      prefetch_l2(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile * kTileBytes, wbytes);
+      prefetch_l2(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile * kTileScaleBytes, sbytes);
+      used += wbytes + sbytes;
     }
   }
 }
@@ -412,7 +445,7 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
           const int colx = 2 * q + c;
           if (colx < n) {
             const int slot = ls.slots[s0 + colx];
-            const float w = p.method == RoutingMethod::llama4 ? 1.0f : __ldcg(p.tw + slot);
+            const float w = p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[slot];
             float* dst = myacc + (slot / p.k) * 16;
             dst[g] += w * (acc[0][c] * f);
             dst[g + 8] += w * (acc[0][2 + c] * f);
@@ -447,9 +480,9 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
       if (h < p.H) {
         if (b2 != nullptr) {
           for (int j = 0; j < p.k; ++j) {
-            const int e = __ldcg(p.ids + t * p.k + j) - p.local_offset;
+            const int e = ls.ids[t * p.k + j] - p.local_offset;
             if (e >= 0 && e < p.num_local) {
-              const float w = p.method == RoutingMethod::llama4 ? 1.0f : __ldcg(p.tw + t * p.k + j);
+              const float w = p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[t * p.k + j];
               v += w * b2[int64_t(e) * p.H + h];
             }
           }
@@ -469,15 +502,29 @@ __global__ void __launch_bounds__(kDecodeThreads, W4A4 ? 1 : 2) moe_decode_kerne
   const SmemLayout sl = SmemLayout::make(p.num_local, p.T * p.k, p.E);
   float* scratch = reinterpret_cast<float*>(smem + sl.scratch_off);
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-
-  if (p.route_on_device) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int* ids = reinterpret_cast<int*>(smem + sl.ids_off);
+  float* tw = reinterpret_cast<float*>(smem + sl.tw_off);
+  // NOTES: up to one token per warp, every block routes the chunk itself: that costs each block one
+  // routing time but saves a grid-wide barrier on the critical path of the smallest layers.
+  const bool route_here = p.route_on_device && p.T <= kDecodeWarps;
+  if (p.route_on_device && !route_here) {
     float* sel = scratch + warp * 2 * p.E;
     for (int t = blockIdx.x * kDecodeWarps + warp; t < p.T; t += gridDim.x * kDecodeWarps)
-      route_token(p, t, sel, sel + p.E, lane);
+      route_token(p, t, sel, sel + p.E, lane, p.ids, p.tw);
     grid.sync();
   }
+  if (route_here) {
+    if (warp < p.T) route_token(p, warp, scratch + warp * 2 * p.E, scratch + warp * 2 * p.E + p.E, lane, ids, tw);
+  } else {
+    for (int s = threadIdx.x; s < p.T * p.k; s += blockDim.x) {
+      ids[s] = __ldcg(p.ids + s);
+      tw[s] = __ldcg(p.tw + s);
+    }
+  }
+  __syncthreads();
   const Lists ls = build_lists(p, smem, sl);
+  if (p.l2_prefetch_bytes > 0) prefetch_gemm2(p, ls);
   gemm1<F, GATED, W4A4>(p, ls, scratch);
   grid.sync();
   gemm2<F, W4A4>(p, ls, scratch);

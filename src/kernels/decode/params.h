@@ -31,11 +31,12 @@ struct DecodeParams {
   Activation act_kind;
   float alpha, limit;
   int team1, team2;  // warps splitting K of one GEMM1 / GEMM2 task
+  int64_t l2_prefetch_bytes;  // GEMM2 weights prefetched into L2 during GEMM1 (0: none)
 };
 
 // Shared memory of one block: expert lists, then a union of the per-phase scratch.
 struct SmemLayout {
-  int cnt_off, start_off, active_off, slots_off, rows_off, misc_off, scratch_off, total;
+  int cnt_off, start_off, active_off, slots_off, rows_off, ids_off, tw_off, misc_off, scratch_off, total;
   static __host__ __device__ SmemLayout make(int num_local, int slots, int E) {
     SmemLayout s;
     int off = 0;
@@ -44,6 +45,8 @@ struct SmemLayout {
     s.active_off = off; off += 4 * num_local;
     s.slots_off = off; off += 4 * slots;
     s.rows_off = off; off += 4 * (num_local + slots / (8 * kGroups) + 1);
+    s.ids_off = off; off += 4 * slots;
+    s.tw_off = off; off += 4 * slots;
     s.misc_off = off; off += 16;
     off = (off + 15) / 16 * 16;
     s.scratch_off = off;

@@ -50,8 +50,9 @@ __device__ __forceinline__ float warp_max(float v) {
 
 __device__ __forceinline__ float sigmoidf_exact(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// Routes token t; sel / val rows are this warp's 2 * E floats of scratch.
-__device__ inline void route_token(const DecodeParams& p, int t, float* sel, float* val, int lane) {
+// Routes token t into ids_out / tw_out [t * k + j]; sel / val are this warp's 2 * E floats of scratch.
+__device__ inline void route_token(const DecodeParams& p, int t, float* sel, float* val, int lane, int* ids_out,
+                                   float* tw_out) {
   const int E = p.E, k = p.k;
   for (int e = lane; e < E; e += 32) {
     float l = p.logits_bf16
@@ -143,8 +144,8 @@ __device__ inline void route_token(const DecodeParams& p, int t, float* sel, flo
     default: break;
   }
   if (active) {
-    p.ids[int64_t(t) * k + lane] = my_id;
-    p.tw[int64_t(t) * k + lane] = w;
+    ids_out[t * k + lane] = my_id;
+    tw_out[t * k + lane] = w;
   }
   __syncwarp();
 }
