@@ -226,6 +226,7 @@ void run(const MoeProblem& p, const DeviceWeights& w, const DeviceInputs& in, vo
   kp.team1 = plan.team_warps1;
   kp.team2 = plan.team_warps2;
   kp.l2_prefetch_bytes = plan.l2_prefetch_bytes;
+  kp.timeline = static_cast<uint64_t*>(in.timeline);
 
   KernelFn fn = pick_kernel(p.format, p.gated(), p.input_mode == InputMode::w4a4);
   cudaLaunchAttribute attr[1];

@@ -175,6 +175,7 @@ struct Options {
   std::string csv, torch_csv;
   int reps = 100;
   int check_tokens = 2;
+  bool timeline = false;
   uint64_t seed = 1;
 };
 
@@ -312,6 +313,30 @@ void bench(const Options& o) {
         if (std::isnan(bf16_to_float(got[i]))) nan = true;
       const double rel = nan ? NAN : std::sqrt(num / std::max(den, 1e-30));
 
+      if (o.timeline) {
+        const Plan plan = make_plan(p);
+        Dev<uint64_t> tl(size_t(plan.blocks) * 6);
+        DeviceInputs in = inputs(0);
+        in.timeline = tl.p;
+        run(p, dw[0], in, ws.p, ws_bytes, stream);
+        FP4MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        std::vector<uint64_t> h(tl.n);
+        FP4MOE_CUDA_CHECK(cudaMemcpy(h.data(), tl.p, h.size() * 8, cudaMemcpyDeviceToHost));
+        uint64_t t0 = UINT64_MAX;
+        for (int b = 0; b < plan.blocks; ++b) t0 = std::min(t0, h[size_t(b) * 6]);
+        const char* names[6] = {"start", "routed", "lists", "gemm1", "barrier", "gemm2"};
+        std::fprintf(stderr, "timeline %s T=%lld (us since the first block started; min / max over %d blocks):", name.c_str(),
+                     (long long)T, plan.blocks);
+        for (int k = 0; k < 6; ++k) {
+          uint64_t lo = UINT64_MAX, hi = 0;
+          for (int b = 0; b < plan.blocks; ++b) {
+            lo = std::min(lo, h[size_t(b) * 6 + k]);
+            hi = std::max(hi, h[size_t(b) * 6 + k]);
+          }
+          std::fprintf(stderr, " %s %.1f/%.1f", names[k], (lo - t0) / 1e3, (hi - t0) / 1e3);
+        }
+        std::fprintf(stderr, "\n");
+      }
       // The layer: copies back to back in one graph.
       cudaGraph_t graph;
       cudaGraphExec_t exec;
@@ -371,6 +396,7 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--check-tokens", o->check_tokens, "Tokens checked against the CPU reference per row")
       ->capture_default_str()->check(CLI::Range(1, 64));
   cmd->add_option("--seed", o->seed, "Random seed")->capture_default_str();
+  cmd->add_flag("--timeline", o->timeline, "Also print where the time of one call goes, phase by phase");
   cmd->add_option("--csv", o->csv, "Also write the rows to this CSV file");
   cmd->add_option("--torch-csv", o->torch_csv, "CSV from bench/torch_grouped_mm.py to show beside");
   cmd->callback([o] { bench(*o); });

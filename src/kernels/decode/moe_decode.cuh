@@ -95,6 +95,16 @@ __device__ __forceinline__ float activation(const DecodeParams& p, float gate, f
   return 0.0f;
 }
 
+// Diagnostics: with p.timeline set, thread 0 of each block records the global timer (ns) at the
+// phase boundaries: [block][0 start, 1 routed, 2 lists, 3 GEMM1 done, 4 after the barrier, 5 end].
+__device__ __forceinline__ void mark(const DecodeParams& p, int point) {
+  if (p.timeline != nullptr && threadIdx.x == 0) {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    p.timeline[blockIdx.x * kTimelinePoints + point] = t;
+  }
+}
+
 // ---- expert lists ---------------------------------------------------------------------------------
 // Expects the chunk's routing in shared memory (sl.ids_off / sl.tw_off).
 __device__ inline Lists build_lists(const DecodeParams& p, uint8_t* smem, const SmemLayout& sl) {
@@ -507,6 +517,7 @@ __global__ void __launch_bounds__(kDecodeThreads, W4A4 ? 1 : 2) moe_decode_kerne
   float* tw = reinterpret_cast<float*>(smem + sl.tw_off);
   // NOTES: up to one token per warp, every block routes the chunk itself: that costs each block one
   // routing time but saves a grid-wide barrier on the critical path of the smallest layers.
+  mark(p, 0);
   const bool route_here = p.route_on_device && p.T <= kDecodeWarps;
   if (p.route_on_device && !route_here) {
     float* sel = scratch + warp * 2 * p.E;
@@ -523,11 +534,16 @@ __global__ void __launch_bounds__(kDecodeThreads, W4A4 ? 1 : 2) moe_decode_kerne
     }
   }
   __syncthreads();
+  mark(p, 1);
   const Lists ls = build_lists(p, smem, sl);
   if (p.l2_prefetch_bytes > 0) prefetch_gemm2(p, ls);
+  mark(p, 2);
   gemm1<F, GATED, W4A4>(p, ls, scratch);
+  mark(p, 3);
   grid.sync();
+  mark(p, 4);
   gemm2<F, W4A4>(p, ls, scratch);
+  mark(p, 5);
 }
 
 }  // namespace fp4moe::kernels

@@ -11,6 +11,7 @@ namespace fp4moe::kernels {
 constexpr int kDecodeThreads = 256;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr int kMaxRoutedExperts = 512;  // device routing keeps two score rows per warp in shared memory
+constexpr int kTimelinePoints = 6;
 constexpr int kGroups = 1;              // token groups of 8 per pass over an expert's weights
 
 struct DecodeParams {
@@ -32,6 +33,7 @@ struct DecodeParams {
   float alpha, limit;
   int team1, team2;  // warps splitting K of one GEMM1 / GEMM2 task
   int64_t l2_prefetch_bytes;  // GEMM2 weights prefetched into L2 during GEMM1 (0: none)
+  uint64_t* timeline;         // diagnostics: [gridDim.x][kTimelinePoints] phase timestamps, or null
 };
 
 // Shared memory of one block: expert lists, then a union of the per-phase scratch.
