@@ -51,8 +51,9 @@ struct DeviceInputs {
   const int32_t* topk_ids = nullptr;    // [T, k] for RoutingMethod::precomputed
   const float* topk_weights = nullptr;  // [T, k]
   void* out = nullptr;                  // [T, H] bf16, every element written
-  // Diagnostics (optional): device buffer of Plan::blocks * 6 uint64 that receives each block's
-  // global-timer stamps at the phase boundaries of the last chunk (see `fp4moe bench --timeline`).
+  // Diagnostics (optional): device buffer of Plan::blocks * 8 uint64 that receives each block's
+  // global-timer stamps at the phase boundaries of the last chunk and its SM clock at start and end
+  // (see `fp4moe bench --timeline`).
   void* timeline = nullptr;
 };
 

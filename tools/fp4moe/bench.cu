@@ -176,6 +176,7 @@ struct Options {
   int reps = 100;
   int check_tokens = 2;
   bool timeline = false;
+  bool precomputed = false;
   uint64_t seed = 1;
 };
 
@@ -246,7 +247,7 @@ void bench(const Options& o) {
     for (int64_t T : tokens) {
       MoeProblem p = base;
       p.tokens = T;
-      const size_t ws_bytes = workspace_size(p);
+      const size_t ws_bytes = workspace_size(p);  // the same with precomputed routing
       Dev<uint8_t> ws(ws_bytes);
       std::vector<Dev<uint16_t>> xs, outs;
       std::vector<Dev<float>> logits;
@@ -261,6 +262,14 @@ void bench(const Options& o) {
         rbias.upload(hbias);
       }
       std::set<std::pair<int, int>> touched;  // (copy, expert)
+      std::vector<Dev<int32_t>> dev_ids;
+      std::vector<Dev<float>> dev_tw;
+      // The problem the layer runs: the preset's routing on the device, or its result passed in.
+      MoeProblem prun = p;
+      if (o.precomputed) {
+        prun.routing.method = RoutingMethod::precomputed;
+        prun.routing.has_bias = false;
+      }
       for (int c = 0; c < copies; ++c) {
         host_logits.push_back(make_logits(p, o.routing, o.seed * 7919 + uint64_t(c) * 104729 + uint64_t(T)));
         std::vector<uint16_t> x(size_t(T) * p.hidden);
@@ -277,6 +286,10 @@ void bench(const Options& o) {
         std::vector<float> tw(ids.size());
         route_reference(p, host_logits.back().data(), p.routing.has_bias ? hbias.data() : nullptr, ids.data(), tw.data());
         for (int32_t id : ids) touched.insert({c, id});
+        dev_ids.emplace_back(ids.size());
+        dev_ids.back().upload(ids);
+        dev_tw.emplace_back(tw.size());
+        dev_tw.back().upload(tw);
       }
       const double experts = double(touched.size()) / copies;
       const double bytes = experts * double(per_expert);
@@ -284,13 +297,18 @@ void bench(const Options& o) {
         DeviceInputs in;
         in.x = xs[size_t(c)].p;
         in.out = outs[size_t(c)].p;
-        in.logits = logits[size_t(c)].p;
-        in.router_bias = p.routing.has_bias ? rbias.p : nullptr;
+        if (o.precomputed) {
+          in.topk_ids = dev_ids[size_t(c)].p;
+          in.topk_weights = dev_tw[size_t(c)].p;
+        } else {
+          in.logits = logits[size_t(c)].p;
+          in.router_bias = p.routing.has_bias ? rbias.p : nullptr;
+        }
         return in;
       };
       // Correctness on copy 0 (a separate, uncaptured run with a poisoned output).
       FP4MOE_CUDA_CHECK(cudaMemsetAsync(outs[0].p, 0xFF, outs[0].n * 2, stream));
-      run(p, dw[0], inputs(0), ws.p, ws_bytes, stream);
+      run(prun, dw[0], inputs(0), ws.p, ws_bytes, stream);
       FP4MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
       std::vector<uint16_t> got(outs[0].n);
       FP4MOE_CUDA_CHECK(cudaMemcpy(got.data(), outs[0].p, got.size() * 2, cudaMemcpyDeviceToHost));
@@ -314,11 +332,11 @@ void bench(const Options& o) {
       const double rel = nan ? NAN : std::sqrt(num / std::max(den, 1e-30));
 
       if (o.timeline) {
-        const Plan plan = make_plan(p);
-        Dev<uint64_t> tl(size_t(plan.blocks) * 6);
+        const Plan plan = make_plan(prun);
+        Dev<uint64_t> tl(size_t(plan.blocks) * 8);
         DeviceInputs in = inputs(0);
         in.timeline = tl.p;
-        run(p, dw[0], in, ws.p, ws_bytes, stream);
+        run(prun, dw[0], in, ws.p, ws_bytes, stream);
         FP4MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
         std::vector<uint64_t> h(tl.n);
         FP4MOE_CUDA_CHECK(cudaMemcpy(h.data(), tl.p, h.size() * 8, cudaMemcpyDeviceToHost));
@@ -335,13 +353,15 @@ void bench(const Options& o) {
           }
           std::fprintf(stderr, " %s %.1f/%.1f", names[k], (lo - t0) / 1e3, (hi - t0) / 1e3);
         }
-        std::fprintf(stderr, "\n");
+        const uint64_t* clk = h.data() + size_t(plan.blocks) * 6;
+        const double ns = double(h[5] - h[0]);
+        std::fprintf(stderr, " | block 0 ran at %.0f MHz\n", ns > 0 ? double(clk[1] - clk[0]) / ns * 1e3 : 0.0);
       }
       // The layer: copies back to back in one graph.
       cudaGraph_t graph;
       cudaGraphExec_t exec;
       FP4MOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      for (int c = 0; c < copies; ++c) run(p, dw[size_t(c)], inputs(c), ws.p, ws_bytes, stream);
+      for (int c = 0; c < copies; ++c) run(prun, dw[size_t(c)], inputs(c), ws.p, ws_bytes, stream);
       FP4MOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
       FP4MOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
       const Timing lt = time_graph(exec, stream, o.reps, copies);
@@ -396,6 +416,8 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--check-tokens", o->check_tokens, "Tokens checked against the CPU reference per row")
       ->capture_default_str()->check(CLI::Range(1, 64));
   cmd->add_option("--seed", o->seed, "Random seed")->capture_default_str();
+  cmd->add_flag("--precomputed", o->precomputed,
+               "Pass top-k ids and weights computed on the host (the precomputed entry point) instead of logits");
   cmd->add_flag("--timeline", o->timeline, "Also print where the time of one call goes, phase by phase");
   cmd->add_option("--csv", o->csv, "Also write the rows to this CSV file");
   cmd->add_option("--torch-csv", o->torch_csv, "CSV from bench/torch_grouped_mm.py to show beside");

@@ -96,12 +96,14 @@ __device__ __forceinline__ float activation(const DecodeParams& p, float gate, f
 }
 
 // Diagnostics: with p.timeline set, thread 0 of each block records the global timer (ns) at the
-// phase boundaries: [block][0 start, 1 routed, 2 lists, 3 GEMM1 done, 4 after the barrier, 5 end].
+// phase boundaries: [block][0 start, 1 routed, 2 lists, 3 GEMM1 done, 4 after the barrier, 5 end],
+// then [block][2] SM clock counts at start and end (the clock rate the call ran at).
 __device__ __forceinline__ void mark(const DecodeParams& p, int point) {
   if (p.timeline != nullptr && threadIdx.x == 0) {
     uint64_t t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     p.timeline[blockIdx.x * kTimelinePoints + point] = t;
+    if (point == 0 || point == 5) p.timeline[gridDim.x * kTimelinePoints + blockIdx.x * 2 + point / 5] = clock64();
   }
 }
 
