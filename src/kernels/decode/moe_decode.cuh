@@ -22,8 +22,7 @@
 
 namespace fp4moe::kernels {
 
-constexpr int kPrefetch = 4;   // GEMM1: k-tiles of weights in flight per warp
-constexpr int kPrefetch2 = 3;  // GEMM2: work items (weights and activations) in flight per warp
+constexpr int kPrefetch = 4;   // k-tiles of weights in flight per warp
 
 struct Lists {
   int* cnt;     // [num_local] slots per local expert
@@ -397,7 +396,7 @@ struct Cursor {
 
 template <Format F, bool W4A4>
 __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs) {
-  constexpr int U = kPrefetch2;
+  constexpr int U = kPrefetch;
   const PackedLayout& L = p.L;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int TW = p.team2, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
@@ -424,52 +423,59 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
       a = ldg_stream(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile_w + int64_t(c.kt) * kTileBytes);
       s = ldg_u16(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile_s + int64_t(c.kt) * kTileScaleBytes);
     };
-    // NOTES: the B operand (act, written by phase 1 and so read from L2) travels in the same ring as
-    // the weights, U items ahead: a one-item lookahead left every item waiting on an L2 round trip.
-    Cursor pre{0, k0}, cur{0, k0};
-    uint4 abuf[U], bbuf[U][2];
+    Cursor pre{0, k0}, cur{0, k0}, nb{0, k0};
+    uint4 abuf[U];
     uint32_t sbuf[U];
-    auto fill = [&](int u) {
-      load_a(pre, abuf[u], sbuf[u]);
-      const int col = pre.kt * kTileCols + 16 * q;
-      load_b<true>(bbuf[u], b_row(pre.r), col, col < a_valid_cols);
-      pre.advance(k0, k1);
-    };
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (pre.r < nrows) fill(u);
+      if (pre.r < nrows) { load_a(pre, abuf[u], sbuf[u]); pre.advance(k0, k1); }
     float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    uint4 xa[2], xb[2];
+    if (nrows > 0) {
+      const int col = k0 * kTileCols + 16 * q;
+      load_b<true>(xa, b_row(0), col, col < a_valid_cols);
+      nb.advance(k0, k1);
+    }
+    auto step = [&](int u, uint4 (&bcur)[2], uint4 (&bnxt)[2]) {
+      uint4 a[1] = {abuf[u]};
+      uint32_t sc[1] = {sbuf[u]};
+      if (pre.r < nrows) { load_a(pre, abuf[u], sbuf[u]); pre.advance(k0, k1); }
+      if (nb.r < nrows) {
+        const int col = nb.kt * kTileCols + 16 * q;
+        load_b<true>(bnxt, b_row(nb.r), col, col < a_valid_cols);
+        nb.advance(k0, k1);
+      }
+      tile_mma<F, 1>(acc, a, sc, bcur);
+      if (cur.kt == k1 - 1) {
+        // This warp's K range of the row's expert is done: scatter w * y into its private accumulator.
+        const int info = ls.rows[cur.r], e = info >> 8, pass = info & 0xff;
+        const int n = min(ls.cnt[e] - pass, 8), s0 = ls.start[e] + pass;
+        const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
+        const float f = ms.down * (W4A4 ? ms.in2 : 1.0f);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int colx = 2 * q + c;
+          if (colx < n) {
+            const int slot = ls.slots[s0 + colx];
+            const float w = p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[slot];
+            float* dst = myacc + (slot / p.k) * 16;
+            dst[g] += w * (acc[0][c] * f);
+            dst[g + 8] += w * (acc[0][2 + c] * f);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[0][r] = 0.0f;
+        __syncwarp();
+      }
+      cur.advance(k0, k1);
+    };
     while (cur.r < nrows) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if (cur.r >= nrows) break;
-        const uint4 a[1] = {abuf[u]};
-        const uint32_t sc[1] = {sbuf[u]};
-        const uint4 b[2] = {bbuf[u][0], bbuf[u][1]};
-        if (pre.r < nrows) fill(u);
-        tile_mma<F, 1>(acc, a, sc, b);
-        if (cur.kt == k1 - 1) {
-          // This warp's K range of the row's expert is done: scatter w * y into its private accumulator.
-          const int info = ls.rows[cur.r], e = info >> 8, pass = info & 0xff;
-          const int n = min(ls.cnt[e] - pass, 8), s0 = ls.start[e] + pass;
-          const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
-          const float f = ms.down * (W4A4 ? ms.in2 : 1.0f);
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int colx = 2 * q + c;
-            if (colx < n) {
-              const int slot = ls.slots[s0 + colx];
-              const float w = p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[slot];
-              float* dst = myacc + (slot / p.k) * 16;
-              dst[g] += w * (acc[0][c] * f);
-              dst[g + 8] += w * (acc[0][2 + c] * f);
-            }
-          }
-#pragma unroll
-          for (int r = 0; r < 4; ++r) acc[0][r] = 0.0f;
-          __syncwarp();
+        if (cur.r < nrows) {
+          if (u % 2 == 0) step(u, xa, xb);
+          else step(u, xb, xa);
         }
-        cur.advance(k0, k1);
       }
     }
     team_sync(team, TW);
@@ -516,12 +522,13 @@ __global__ void __launch_bounds__(kDecodeThreads, W4A4 ? 1 : 2) moe_decode_kerne
   mark(p, 0);
   const bool route_here = p.route_on_device && p.T <= kDecodeWarps;
   if (p.route_on_device && !route_here) {
+    float* sel = scratch + warp * 2 * p.E;
     for (int t = blockIdx.x * kDecodeWarps + warp; t < p.T; t += gridDim.x * kDecodeWarps)
-      route_token(p, t, scratch + warp * p.E, lane, p.ids, p.tw);
+      route_token(p, t, sel, sel + p.E, lane, p.ids, p.tw);
     grid.sync();
   }
   if (route_here) {
-    if (warp < p.T) route_token(p, warp, scratch + warp * p.E, lane, ids, tw);
+    if (warp < p.T) route_token(p, warp, scratch + warp * 2 * p.E, scratch + warp * 2 * p.E + p.E, lane, ids, tw);
   } else {
     for (int s = threadIdx.x; s < p.T * p.k; s += blockDim.x) {
       ids[s] = __ldcg(p.ids + s);

@@ -10,7 +10,7 @@ namespace fp4moe::kernels {
 
 constexpr int kDecodeThreads = 256;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
-constexpr int kMaxRoutedExperts = 512;  // device routing keeps 16 scores per lane in registers
+constexpr int kMaxRoutedExperts = 512;  // device routing keeps two score rows per warp in shared memory
 constexpr int kTimelinePoints = 6;
 constexpr int kGroups = 1;              // token groups of 8 per pass over an expert's weights
 
@@ -52,7 +52,7 @@ struct SmemLayout {
     s.misc_off = off; off += 16;
     off = (off + 15) / 16 * 16;
     s.scratch_off = off;
-    int routing = kDecodeWarps * E * 4;
+    int routing = kDecodeWarps * 2 * E * 4;
     int gemm1 = kDecodeWarps * 2 * 2 * 4 * 32 * 4;  // [warp][mt][group][4][lane]
     int gemm2 = kDecodeWarps * kTokenChunk * 16 * 4;
     int m = routing > gemm1 ? routing : gemm1;

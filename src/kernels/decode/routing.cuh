@@ -1,5 +1,5 @@
-// Routing on the device: one warp per token, every SPEC routing method. Scores live in registers
-// (up to 16 per lane); top-k is k rounds of a warp arg-max (ties to the lower expert index).
+// Routing on the device: one warp per token, every SPEC routing method. Scores live in two rows of
+// shared memory per warp; top-k is k rounds of a warp arg-max (ties to the lower expert index).
 #pragma once
 #include <cuda_bf16.h>
 #include <math.h>
@@ -27,6 +27,16 @@ __device__ __forceinline__ ArgMax warp_argmax(ArgMax m) {
   return m;
 }
 
+// Arg-max over row[0, n) skipping NaN; returns {-inf?, -1} when nothing is left.
+__device__ __forceinline__ ArgMax row_argmax(const float* row, int n, int lane) {
+  ArgMax m{-INFINITY, -1};
+  for (int e = lane; e < n; e += 32) {
+    float v = row[e];
+    if (v == v && (m.i < 0 || better(v, e, m))) m = ArgMax{v, e};
+  }
+  return warp_argmax(m);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -40,126 +50,93 @@ __device__ __forceinline__ float warp_max(float v) {
 
 __device__ __forceinline__ float sigmoidf_exact(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-constexpr int kRouteSlots = kMaxRoutedExperts / 32;  // scores per lane: expert lane + 32 i
-
-// Routes token t into ids_out / tw_out [t * k + j]. Scores live in registers (expert lane + 32 i);
-// `scratch` (E floats of this warp's shared memory) is used only for DeepSeek's group scores.
-__device__ __noinline__ void route_token(const DecodeParams& p, int t, float* scratch, int lane, int* ids_out,
+// Routes token t into ids_out / tw_out [t * k + j]; sel / val are this warp's 2 * E floats of scratch.
+__device__ inline void route_token(const DecodeParams& p, int t, float* sel, float* val, int lane, int* ids_out,
                                    float* tw_out) {
   const int E = p.E, k = p.k;
-  const float kNaN = __int_as_float(0x7fffffff);
-  float sel[kRouteSlots], val[kRouteSlots];  // selection score, weight score; NaN sel = not selectable
-#pragma unroll
-  for (int i = 0; i < kRouteSlots; ++i) {
-    const int e = lane + 32 * i;
-    sel[i] = kNaN;
-    val[i] = 0.0f;
-    if (e < E) {
-      const float l = p.logits_bf16
-                          ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.logits)[int64_t(t) * E + e])
-                          : reinterpret_cast<const float*>(p.logits)[int64_t(t) * E + e];
-      const float b = p.has_router_bias ? p.router_bias[e] : 0.0f;
-      float s = l;
-      if (p.method == RoutingMethod::topk_softmax) s = l + b;
-      if (p.method == RoutingMethod::deepseek_v3 || p.method == RoutingMethod::sigmoid_topk) s = sigmoidf_exact(l);
-      val[i] = s;
-      sel[i] = p.method == RoutingMethod::deepseek_v3 ? s + b : s;
+  for (int e = lane; e < E; e += 32) {
+    float l = p.logits_bf16
+                  ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.logits)[int64_t(t) * E + e])
+                  : reinterpret_cast<const float*>(p.logits)[int64_t(t) * E + e];
+    float b = p.has_router_bias ? p.router_bias[e] : 0.0f;
+    float s = l;
+    switch (p.method) {
+      case RoutingMethod::softmax_topk: break;             // softmax below
+      case RoutingMethod::topk_softmax: s = l + b; break;  // softmax over the k below
+      case RoutingMethod::deepseek_v3: s = sigmoidf_exact(l); break;
+      case RoutingMethod::llama4: break;
+      case RoutingMethod::sigmoid_topk: s = sigmoidf_exact(l); break;
+      default: break;
     }
+    val[e] = s;
+    sel[e] = p.method == RoutingMethod::deepseek_v3 ? s + b : s;
   }
+  __syncwarp();
   if (p.method == RoutingMethod::softmax_topk) {
     float m = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < kRouteSlots; ++i)
-      if (lane + 32 * i < E) m = fmaxf(m, val[i]);
+    for (int e = lane; e < E; e += 32) m = fmaxf(m, val[e]);
     m = warp_max(m);
     float sum = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kRouteSlots; ++i)
-      if (lane + 32 * i < E) sum += expf(val[i] - m);
+    for (int e = lane; e < E; e += 32) sum += expf(val[e] - m);
     sum = warp_sum(sum);
-#pragma unroll
-    for (int i = 0; i < kRouteSlots; ++i)
-      if (lane + 32 * i < E) {
-        val[i] = expf(val[i] - m) / sum;
-        sel[i] = val[i];
-      }
+    for (int e = lane; e < E; e += 32) {
+      float pr = expf(val[e] - m) / sum;
+      val[e] = pr;
+      sel[e] = pr;
+    }
+    __syncwarp();
   }
   if (p.method == RoutingMethod::deepseek_v3 && p.n_group > 1) {
     // Group score: sum of the two largest selection scores of the group; keep topk_group groups.
-#pragma unroll
-    for (int i = 0; i < kRouteSlots; ++i)
-      if (lane + 32 * i < E) scratch[lane + 32 * i] = sel[i];
-    __syncwarp();
     const int gs = E / p.n_group;
     float score = -INFINITY;
     if (lane < p.n_group) {
       float b1 = -INFINITY, b2 = -INFINITY;
       for (int e = lane * gs; e < (lane + 1) * gs; ++e) {
-        const float v = scratch[e];
+        float v = sel[e];
         if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
       }
       score = b1 + b2;
     }
-    __syncwarp();
     unsigned keep = 0;
     for (int r = 0; r < p.topk_group; ++r) {
       ArgMax m = (lane < p.n_group && !((keep >> lane) & 1)) ? ArgMax{score, lane} : ArgMax{-INFINITY, -1};
       m = warp_argmax(m);
       keep |= 1u << m.i;
     }
-#pragma unroll
-    for (int i = 0; i < kRouteSlots; ++i)
-      if (lane + 32 * i < E && !((keep >> ((lane + 32 * i) / gs)) & 1)) sel[i] = kNaN;
+    __syncwarp();
+    for (int e = lane; e < E; e += 32)
+      if (!((keep >> (e / gs)) & 1)) sel[e] = __int_as_float(0x7fffffff);
+    __syncwarp();
   }
-  // k rounds of arg-max (larger score, then lower index); lane j keeps the j-th pick.
-  unsigned taken = 0;
+  // k rounds of arg-max; lane j keeps the j-th pick.
   int my_id = -1;
   float my_val = 0.0f;
   for (int j = 0; j < k; ++j) {
-    ArgMax best{-INFINITY, -1};
-    float best_val = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kRouteSlots; ++i) {
-      const float v = sel[i];
-      const int e = lane + 32 * i;
-      if (v == v && !((taken >> i) & 1) && (best.i < 0 || better(v, e, best))) {
-        best = ArgMax{v, e};
-        best_val = val[i];
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const ArgMax other{__shfl_xor_sync(0xffffffffu, best.v, o), __shfl_xor_sync(0xffffffffu, best.i, o)};
-      const float other_val = __shfl_xor_sync(0xffffffffu, best_val, o);
-      if (other.i >= 0 && (best.i < 0 || better(other.v, other.i, best))) {
-        best = other;
-        best_val = other_val;
-      }
-    }
-    if (best.i >= 0 && (best.i & 31) == lane) taken |= 1u << (best.i >> 5);
-    if (lane == j) {
-      my_id = best.i;
-      my_val = best_val;
-    }
+    ArgMax m = row_argmax(sel, E, lane);
+    if (lane == j) { my_id = m.i; my_val = val[m.i]; }
+    __syncwarp();
+    if (lane == 0) sel[m.i] = __int_as_float(0x7fffffff);
+    __syncwarp();
   }
   float w = my_val;
   const bool active = lane < k;
   switch (p.method) {
     case RoutingMethod::softmax_topk:
     case RoutingMethod::sigmoid_topk: {
-      const float sum = warp_sum(active ? my_val : 0.0f);
+      float sum = warp_sum(active ? my_val : 0.0f);
       if (p.renormalize) w = my_val / sum;
       break;
     }
     case RoutingMethod::topk_softmax: {
-      const float m = warp_max(active ? my_val : -INFINITY);
-      const float ex = active ? expf(my_val - m) : 0.0f;
-      const float sum = warp_sum(ex);
+      float m = warp_max(active ? my_val : -INFINITY);
+      float ex = active ? expf(my_val - m) : 0.0f;
+      float sum = warp_sum(ex);
       w = ex / sum;
       break;
     }
     case RoutingMethod::deepseek_v3: {
-      const float sum = warp_sum(active ? my_val : 0.0f);
+      float sum = warp_sum(active ? my_val : 0.0f);
       w = my_val / (sum + 1e-20f) * p.routed_scaling_factor;
       break;
     }
