@@ -61,7 +61,7 @@ struct PackedLayout {
   int i_blocks = 0;   // ceil(I / 16): GEMM1 tasks per expert
   int m_tiles13 = 0;  // 2 * i_blocks (gated) or i_blocks
   int k_tiles13 = 0;  // ceil(H / 64)
-  int m_tiles2 = 0;   // ceil(H / 16)
+  int m_tiles2 = 0;   // 2 * ceil(H / 32): GEMM2 tasks take two m-tiles
   int k_tiles2 = 0;   // ceil(I / 64)
   int i_pad = 0;      // 64 * k_tiles2: row stride of the intermediate activations
 
@@ -87,7 +87,7 @@ struct PackedLayout {
     l.i_blocks = int(ceil_div(intermediate, 16));
     l.m_tiles13 = gated ? 2 * l.i_blocks : l.i_blocks;
     l.k_tiles13 = int(ceil_div(hidden, kTileCols));
-    l.m_tiles2 = int(ceil_div(hidden, kTileRows));
+    l.m_tiles2 = 2 * int(ceil_div(hidden, 2 * kTileRows));
     l.k_tiles2 = int(ceil_div(intermediate, kTileCols));
     l.i_pad = l.k_tiles2 * kTileCols;
     auto align = [](int64_t v) { return (v + 255) / 256 * 256; };

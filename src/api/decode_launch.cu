@@ -162,7 +162,7 @@ Plan make_plan(const MoeProblem& p) {
   // Experts a single token touches on this rank: the tasks of each phase at T = 1.
   const int64_t local_k = std::max<int64_t>(1, ceil_div(int64_t(p.top_k) * p.local_experts(), p.num_experts));
   plan.team_warps1 = pick_team(local_k * L.i_blocks, L.k_tiles13, plan.blocks);
-  plan.team_warps2 = pick_team(L.m_tiles2, local_k * L.k_tiles2, plan.blocks);
+  plan.team_warps2 = pick_team(L.m_tiles2 / kernels::kTask2Tiles, local_k * L.k_tiles2 * kernels::kTask2Tiles, plan.blocks);
   if (const char* env = std::getenv("FP4MOE_LOG_PLAN"); env && env[0] == '1') {
     std::string key = p.to_string() + plan.to_string();
     if (logged.insert(key).second) std::fprintf(stderr, "fp4moe: %s -> %s\n", p.to_string().c_str(), plan.to_string().c_str());

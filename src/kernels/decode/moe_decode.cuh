@@ -5,7 +5,7 @@
 //   phase 1  GEMM1 + activation: task = (active expert, 16 intermediate rows); a team of warps
 //            splits K = H, reduces in shared memory, applies scales, bias, activation, writes `act`
 //   grid sync
-//   phase 2  GEMM2 + finalize: task = 16 rows of H; the team's warps split K = I, loop over the active
+//   phase 2  GEMM2 + finalize: task = 32 rows of H; the team's warps split K = I, loop over the active
 //            experts in id order, and accumulate w * y per token in private shared memory; the team
 //            then sums the warps in order, adds the biases and writes each output element once.
 //
@@ -373,14 +373,16 @@ __device__ inline void prefetch_gemm2(const DecodeParams& p, const Lists& ls) {
   const int64_t budget = p.l2_prefetch_bytes / (int64_t(gridDim.x) * kDecodeWarps);
   const uint32_t wbytes = uint32_t(k1 - k0) * kTileBytes, sbytes = uint32_t(k1 - k0) * kTileScaleBytes;
   int64_t used = 0;
-  for (int task = team * gridDim.x + blockIdx.x; task < L.m_tiles2; task += gridDim.x * teams) {
+  for (int task = team * gridDim.x + blockIdx.x; task < L.m_tiles2 / kTask2Tiles; task += gridDim.x * teams) {
     for (int ai = 0; ai < ls.n_active; ++ai) {
-      if (used + wbytes + sbytes > budget) return;
+      if (used + kTask2Tiles * (wbytes + sbytes) > budget) return;
       const int e = ls.active[ai];
-      const int64_t tile = int64_t(task) * KT + k0;
-      prefetch_l2(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile * kTileBytes, wbytes);
-      prefetch_l2(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile * kTileScaleBytes, sbytes);
-      used += wbytes + sbytes;
+      for (int mt = 0; mt < kTask2Tiles; ++mt) {
+        const int64_t tile = int64_t(kTask2Tiles * task + mt) * KT + k0;
+        prefetch_l2(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile * kTileBytes, wbytes);
+        prefetch_l2(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile * kTileScaleBytes, sbytes);
+      }
+      used += kTask2Tiles * (wbytes + sbytes);
     }
   }
 }
@@ -397,6 +399,8 @@ struct Cursor {
 template <Format F, bool W4A4>
 __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs) {
   constexpr int U = kPrefetch;
+  constexpr int MT = kTask2Tiles;
+  constexpr int R = 16 * MT;  // rows of H per task
   const PackedLayout& L = p.L;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int TW = p.team2, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
@@ -405,8 +409,9 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
   const int g = lane >> 2, q = lane & 3;
   const int a_valid_cols = 16 * L.i_blocks;
   const int nrows = k1 > k0 ? ls.n_rows : 0;  // a warp with an empty K range has no work items
-  float* myacc = accs + warp * kTokenChunk * 16;  // [token][row]
-  for (int i = lane; i < kTokenChunk * 16; i += 32) myacc[i] = 0.0f;
+  const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * kTileScaleBytes;
+  float* myacc = accs + warp * kTokenChunk * R;  // [token][row]
+  for (int i = lane; i < kTokenChunk * R; i += 32) myacc[i] = 0.0f;
   __syncwarp();
 
   // B row of this lane (token column g) for work row r; null past the row's slots.
@@ -415,21 +420,31 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
     const int n = min(ls.cnt[e] - pass, 8);
     return g < n ? p.act + int64_t(ls.slots[ls.start[e] + pass + g]) * L.i_pad : nullptr;
   };
-  for (int task = team * gridDim.x + blockIdx.x; task < L.m_tiles2; task += gridDim.x * teams) {
-    const int64_t tile_w = int64_t(task) * KT * kTileBytes + lane * 16;
-    const int64_t tile_s = int64_t(task) * KT * kTileScaleBytes + lane * 2;
-    auto load_a = [&](const Cursor& c, uint4& a, uint32_t& s) {
+  const int ntasks = L.m_tiles2 / MT;
+  for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
+    const int64_t tile_w = int64_t(MT * task) * mstride_w + lane * 16;
+    const int64_t tile_s = int64_t(MT * task) * mstride_s + lane * 2;
+    auto load_a = [&](const Cursor& c, uint4 (&a)[MT], uint32_t (&s)[MT]) {
       const int e = ls.rows[c.r] >> 8;
-      a = ldg_stream(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile_w + int64_t(c.kt) * kTileBytes);
-      s = ldg_u16(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile_s + int64_t(c.kt) * kTileScaleBytes);
+      const uint8_t* w = p.wts + L.w2_off + e * L.w2_expert_bytes() + tile_w + int64_t(c.kt) * kTileBytes;
+      const uint8_t* sp = p.wts + L.s2_off + e * L.s2_expert_bytes() + tile_s + int64_t(c.kt) * kTileScaleBytes;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt] = ldg_stream(w + mt * mstride_w);
+        s[mt] = ldg_u16(sp + mt * mstride_s);
+      }
     };
     Cursor pre{0, k0}, cur{0, k0}, nb{0, k0};
-    uint4 abuf[U];
-    uint32_t sbuf[U];
+    uint4 abuf[U][MT];
+    uint32_t sbuf[U][MT];
 #pragma unroll
     for (int u = 0; u < U; ++u)
       if (pre.r < nrows) { load_a(pre, abuf[u], sbuf[u]); pre.advance(k0, k1); }
-    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    float acc[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mt][r] = 0.0f;
     uint4 xa[2], xb[2];
     if (nrows > 0) {
       const int col = k0 * kTileCols + 16 * q;
@@ -437,15 +452,17 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
       nb.advance(k0, k1);
     }
     auto step = [&](int u, uint4 (&bcur)[2], uint4 (&bnxt)[2]) {
-      uint4 a[1] = {abuf[u]};
-      uint32_t sc[1] = {sbuf[u]};
+      uint4 a[MT];
+      uint32_t sc[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) { a[mt] = abuf[u][mt]; sc[mt] = sbuf[u][mt]; }
       if (pre.r < nrows) { load_a(pre, abuf[u], sbuf[u]); pre.advance(k0, k1); }
       if (nb.r < nrows) {
         const int col = nb.kt * kTileCols + 16 * q;
         load_b<true>(bnxt, b_row(nb.r), col, col < a_valid_cols);
         nb.advance(k0, k1);
       }
-      tile_mma<F, 1>(acc, a, sc, bcur);
+      tile_mma<F, MT>(acc, a, sc, bcur);
       if (cur.kt == k1 - 1) {
         // This warp's K range of the row's expert is done: scatter w * y into its private accumulator.
         const int info = ls.rows[cur.r], e = info >> 8, pass = info & 0xff;
@@ -457,14 +474,19 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
           const int colx = 2 * q + c;
           if (colx < n) {
             const int slot = ls.slots[s0 + colx];
-            const float w = p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[slot];
-            float* dst = myacc + (slot / p.k) * 16;
-            dst[g] += w * (acc[0][c] * f);
-            dst[g + 8] += w * (acc[0][2 + c] * f);
+            const float w = (p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[slot]) * f;
+            float* dst = myacc + (slot / p.k) * R;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              dst[16 * mt + g] += w * acc[mt][c];
+              dst[16 * mt + g + 8] += w * acc[mt][2 + c];
+            }
           }
         }
 #pragma unroll
-        for (int r = 0; r < 4; ++r) acc[0][r] = 0.0f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[mt][r] = 0.0f;
         __syncwarp();
       }
       cur.advance(k0, k1);
@@ -481,13 +503,13 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs
     team_sync(team, TW);
     // Finalize: sum the team's warps in order, add biases, write each element once.
     const float* b2 = L.has_bias ? reinterpret_cast<const float*>(p.wts + L.b2_off) : nullptr;
-    float* team_acc = accs + (team * TW) * kTokenChunk * 16;
-    for (int idx = wt * 32 + lane; idx < p.T * 16; idx += TW * 32) {
-      const int t = idx / 16, r = idx % 16, h = task * 16 + r;
+    float* team_acc = accs + (team * TW) * kTokenChunk * R;
+    for (int idx = wt * 32 + lane; idx < p.T * R; idx += TW * 32) {
+      const int t = idx / R, r = idx % R, h = task * R + r;
       float v = 0.0f;
       for (int w = 0; w < TW; ++w) {
-        v += team_acc[w * kTokenChunk * 16 + idx];
-        team_acc[w * kTokenChunk * 16 + idx] = 0.0f;
+        v += team_acc[w * kTokenChunk * R + idx];
+        team_acc[w * kTokenChunk * R + idx] = 0.0f;
       }
       if (h < p.H) {
         if (b2 != nullptr) {

@@ -12,6 +12,7 @@ constexpr int kDecodeThreads = 256;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr int kMaxRoutedExperts = 512;  // device routing keeps two score rows per warp in shared memory
 constexpr int kTimelinePoints = 6;
+constexpr int kTask2Tiles = 2;  // m-tiles (of 16 rows of H) per GEMM2 task
 constexpr int kGroups = 1;              // token groups of 8 per pass over an expert's weights
 
 struct DecodeParams {
@@ -54,7 +55,7 @@ struct SmemLayout {
     s.scratch_off = off;
     int routing = kDecodeWarps * 2 * E * 4;
     int gemm1 = kDecodeWarps * 2 * 2 * 4 * 32 * 4;  // [warp][mt][group][4][lane]
-    int gemm2 = kDecodeWarps * kTokenChunk * 16 * 4;
+    int gemm2 = kDecodeWarps * kTokenChunk * 16 * kTask2Tiles * 4;
     int m = routing > gemm1 ? routing : gemm1;
     m = m > gemm2 ? m : gemm2;
     s.total = off + m;
