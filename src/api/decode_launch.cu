@@ -68,7 +68,7 @@ KernelFn pick_kernel(Format f, bool gated, bool w4a4) {
 size_t align256(size_t v) { return (v + 255) / 256 * 256; }
 
 struct WorkspaceLayout {
-  size_t ids = 0, tw = 0, act = 0, total = 0;
+  size_t ids = 0, tw = 0, act = 0, y = 0, total = 0;
 };
 
 WorkspaceLayout workspace_layout(const MoeProblem& p) {
@@ -79,7 +79,8 @@ WorkspaceLayout workspace_layout(const MoeProblem& p) {
   w.ids = 0;
   w.tw = align256(slots * 4);
   w.act = w.tw + align256(slots * 4);
-  w.total = w.act + align256(slots * i_pad * 2);
+  w.y = w.act + align256(slots * i_pad * 2);
+  w.total = w.y + align256(slots * size_t(p.hidden) * 4);
   return w;
 }
 
@@ -162,7 +163,7 @@ Plan make_plan(const MoeProblem& p) {
   // Experts a single token touches on this rank: the tasks of each phase at T = 1.
   const int64_t local_k = std::max<int64_t>(1, ceil_div(int64_t(p.top_k) * p.local_experts(), p.num_experts));
   plan.team_warps1 = pick_team(local_k * L.i_blocks, L.k_tiles13, plan.blocks);
-  plan.team_warps2 = pick_team(L.m_tiles2 / kernels::kTask2Tiles, local_k * L.k_tiles2 * kernels::kTask2Tiles, plan.blocks);
+  plan.team_warps2 = pick_team(local_k * (L.m_tiles2 / kernels::kTask2Tiles), L.k_tiles2, plan.blocks);
   if (const char* env = std::getenv("FP4MOE_LOG_PLAN"); env && env[0] == '1') {
     std::string key = p.to_string() + plan.to_string();
     if (logged.insert(key).second) std::fprintf(stderr, "fp4moe: %s -> %s\n", p.to_string().c_str(), plan.to_string().c_str());
@@ -212,6 +213,7 @@ void run(const MoeProblem& p, const DeviceWeights& w, const DeviceInputs& in, vo
   kp.num_local = p.local_experts();
   kp.router_bias = in.router_bias;
   kp.act = reinterpret_cast<__nv_bfloat16*>(static_cast<uint8_t*>(workspace) + wl.act);
+  kp.y = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + wl.y);
   kp.method = p.routing.method;
   kp.route_on_device = routed;
   kp.renormalize = p.routing.renormalize;

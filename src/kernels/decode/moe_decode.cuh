@@ -1,17 +1,21 @@
 // The decode kernel: one persistent cooperative launch per chunk of up to kTokenChunk tokens.
 //
-//   phase 0  routing (one warp per token), unless the caller passed top-k ids; grid sync
+//   routing  one warp per token (every block routes chunks of up to 8 tokens itself; larger chunks
+//            are routed once and shared through a grid barrier), unless the caller passed top-k ids
 //   lists    every block sorts the chunk's slots by local expert in shared memory (deterministic)
+//            and starts L2 prefetches of the GEMM2 weights it will read first
 //   phase 1  GEMM1 + activation: task = (active expert, 16 intermediate rows); a team of warps
 //            splits K = H, reduces in shared memory, applies scales, bias, activation, writes `act`
-//   grid sync
-//   phase 2  GEMM2 + finalize: task = 32 rows of H; the team's warps split K = I, loop over the active
-//            experts in id order, and accumulate w * y per token in private shared memory; the team
-//            then sums the warps in order, adds the biases and writes each output element once.
+//   grid barrier
+//   phase 2  GEMM2: task = (expert and up to 8 of its slots, 32 rows of H), same team GEMM; each
+//            slot's y goes to its own row of the workspace
+//   grid barrier
+//   phase 3  finalize: out[t] = sum over the token's slots, in slot order, of w * (y + b2)
 //
 // Every output element is written exactly once, without atomics, and a token's result depends only on
-// its own experts (fixed K split, experts in id order): runs are bitwise reproducible and batch
-// invariant. Weights stream through 16-byte non-caching loads, four k-tiles ahead.
+// its own data (K splits fixed by the shape, sums in the token's slot order): runs are bitwise
+// reproducible and batch invariant. Weights stream through 16-byte non-caching loads, four k-tiles
+// ahead, with an evict-first L2 policy.
 #pragma once
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -22,7 +26,7 @@
 
 namespace fp4moe::kernels {
 
-constexpr int kPrefetch = 4;   // k-tiles of weights in flight per warp
+constexpr int kPrefetch = 4;  // k-tiles of weights in flight per warp
 
 struct Lists {
   int* cnt;     // [num_local] slots per local expert
@@ -221,12 +225,89 @@ __device__ __forceinline__ void tile_mma(float (&acc)[MT][4], const uint4 (&a)[M
   }
 }
 
+// ---- the team GEMM shared by both phases -----------------------------------------------------------
+// A team of TW warps computes MT m-tiles (16 rows each) of one expert against one group of 8 B rows:
+// warp wt streams k-tiles [k0, k1) (a fixed split, so the order of the fp32 sums depends on the shape
+// only), four k-tiles of weights in flight, and the team's partial sums are added in warp order into
+// the accumulators of warp wt == 0, which alone holds the result afterwards.
+//   wbase / sbase: the lane's first weight / scale tile of m-tile 0 (k-tile 0); mstride_*: m-tile step
+//   brow: this lane's B row (token column g) or null; b_cols: valid columns of B
+template <Format F, int MT, bool B_FROM_L2, bool QUANT_B>
+__device__ __forceinline__ void team_gemm(float (&acc)[MT][4], const uint8_t* wbase, const uint8_t* sbase,
+                                          int64_t mstride_w, int64_t mstride_s, const __nv_bfloat16* brow,
+                                          int b_cols, float b_scale, int k0, int k1, int team, int TW, int wt,
+                                          float* red, uint64_t policy) {
+  constexpr int U = kPrefetch;
+  static_assert(U % 2 == 0, "the B operand ping-pongs between two buffers across the unrolled k-tiles");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[mt][r] = 0.0f;
+  uint4 abuf[U][MT];
+  uint32_t sbuf[U][MT];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (k0 + u < k1)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(k0 + u) * kTileBytes, policy);
+        sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(k0 + u) * kTileScaleBytes);
+      }
+  uint4 xa[2], xb[2];
+  load_b<B_FROM_L2>(xa, brow, k0 * kTileCols + 16 * q, k0 < k1 && k0 * kTileCols + 16 * q < b_cols);
+  // One k-tile: consume A from the ring and refill it U tiles ahead; B from `cur`, the next tile's B
+  // into `nxt`.
+  auto step = [&](int u, int kt, uint4 (&cur)[2], uint4 (&nxt)[2]) {
+    uint4 a[MT];
+    uint32_t sc[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) { a[mt] = abuf[u][mt]; sc[mt] = sbuf[u][mt]; }
+    if (kt + U < k1)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(kt + U) * kTileBytes, policy);
+        sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(kt + U) * kTileScaleBytes);
+      }
+    const int ncol = (kt + 1) * kTileCols + 16 * q;
+    load_b<B_FROM_L2>(nxt, brow, ncol, kt + 1 < k1 && ncol < b_cols);
+    if constexpr (QUANT_B) fake_quant_block(cur, b_scale);
+    tile_mma<F, MT>(acc, a, sc, cur);
+  };
+  for (int base = k0; base < k1; base += U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kt = base + u;
+      if (kt < k1) {
+        if (u % 2 == 0) step(u, kt, xa, xb);
+        else step(u, kt, xb, xa);
+      }
+    }
+  }
+  if (TW > 1) {
+    if (wt > 0) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) red[(((warp * 2 + mt) * 4 + r) * 32) + lane] = acc[mt][r];
+    }
+    team_sync(team, TW);
+    if (wt == 0) {
+      for (int w = 1; w < TW; ++w)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[mt][r] += red[((((warp + w) * 2 + mt) * 4 + r) * 32) + lane];
+    }
+    team_sync(team, TW);
+  }
+}
+
 // ---- phase 1: GEMM1 + activation ------------------------------------------------------------------
+// Task = (active expert, 16 intermediate rows); one pass per 8 of the expert's slots.
 template <Format F, bool GATED, bool W4A4>
 __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red) {
   constexpr int MT = GATED ? 2 : 1;
-  constexpr int U = kPrefetch;
-  static_assert(U % 2 == 0, "the B operand ping-pongs between two buffers across the unrolled k-tiles");
   const PackedLayout& L = p.L;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int TW = p.team1, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
@@ -235,7 +316,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
   const int g = lane >> 2, q = lane & 3;
   const int ntasks = ls.n_active * L.i_blocks;
   const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * kTileScaleBytes;
-  const uint64_t stream_policy = evict_first_policy();
+  const uint64_t policy = evict_first_policy();
 
   for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
     const int ai = task / L.i_blocks, b = task % L.i_blocks;
@@ -249,70 +330,8 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
       const int np = min(n - pass, 8);
       const __nv_bfloat16* xrow = g < np ? p.x + int64_t(ls.slots[s0 + pass + g] / p.k) * p.H : nullptr;
       float acc[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[mt][r] = 0.0f;
-
-      uint4 abuf[U][MT];
-      uint32_t sbuf[U][MT];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (k0 + u < k1)
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(k0 + u) * kTileBytes, stream_policy);
-            sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(k0 + u) * kTileScaleBytes);
-          }
-      uint4 xa[2], xb[2];
-      load_b<false>(xa, xrow, k0 * kTileCols + 16 * q, k0 < k1 && k0 * kTileCols + 16 * q < p.H);
-      // One k-tile: consume A from the ring and refill it U tiles ahead; B from `cur`, the next
-      // tile's B into `nxt`.
-      auto step = [&](int u, int kt, uint4 (&cur)[2], uint4 (&nxt)[2]) {
-        uint4 a[MT];
-        uint32_t sc[MT];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) { a[mt] = abuf[u][mt]; sc[mt] = sbuf[u][mt]; }
-        if (kt + U < k1)
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(kt + U) * kTileBytes, stream_policy);
-            sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(kt + U) * kTileScaleBytes);
-          }
-        const int ncol = (kt + 1) * kTileCols + 16 * q;
-        load_b<false>(nxt, xrow, ncol, kt + 1 < k1 && ncol < p.H);
-        if constexpr (W4A4) fake_quant_block(cur, ms.in13);
-        tile_mma<F, MT>(acc, a, sc, cur);
-      };
-      for (int base = k0; base < k1; base += U) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int kt = base + u;
-          if (kt < k1) {
-            if (u % 2 == 0) step(u, kt, xa, xb);
-            else step(u, kt, xb, xa);
-          }
-        }
-      }
-
-      // Team reduction in warp order.
-      if (TW > 1) {
-        if (wt > 0) {
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) red[(((warp * 2 + mt) * 4 + r) * 32) + lane] = acc[mt][r];
-        }
-        team_sync(team, TW);
-        if (wt == 0) {
-          for (int w = 1; w < TW; ++w)
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-              for (int r = 0; r < 4; ++r) acc[mt][r] += red[((((warp + w) * 2 + mt) * 4 + r) * 32) + lane];
-        }
-        team_sync(team, TW);
-      }
+      team_gemm<F, MT, false, W4A4>(acc, wbase, sbase, mstride_w, mstride_s, xrow, p.H, ms.in13, k0, k1, team, TW,
+                                    wt, red, policy);
       if (wt != 0) continue;
 
       // Epilogue: scales, bias, activation, (W4A4) quantization of a, store.
@@ -358,12 +377,59 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
   }
 }
 
+// ---- phase 2: GEMM2 -------------------------------------------------------------------------------
+// Task = (work row: an expert and up to 8 of its slots, 32 rows of H), the same team GEMM as phase 1.
+// Each slot's y = W2 a (times the expert's scales) lands in its own row of `y`, so the finalize can
+// add a token's experts in its own slot order, whatever else shares the batch.
+template <Format F, bool W4A4>
+__device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* red) {
+  constexpr int MT = kTask2Tiles;
+  const PackedLayout& L = p.L;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int TW = p.team2, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
+  const int KT = L.k_tiles2;
+  const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW;
+  const int g = lane >> 2, q = lane & 3;
+  const int htiles = L.m_tiles2 / MT;
+  const int ntasks = ls.n_rows * htiles;
+  const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * kTileScaleBytes;
+  const uint64_t policy = evict_first_policy();
+
+  for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
+    const int r = task / htiles, ht = task % htiles;
+    const int info = ls.rows[r], e = info >> 8, pass = info & 0xff;
+    const int n = min(ls.cnt[e] - pass, 8), s0 = ls.start[e] + pass;
+    const uint8_t* wbase = p.wts + L.w2_off + e * L.w2_expert_bytes() + MT * ht * mstride_w + lane * 16;
+    const uint8_t* sbase = p.wts + L.s2_off + e * L.s2_expert_bytes() + MT * ht * mstride_s + lane * 2;
+    const __nv_bfloat16* brow = g < n ? p.act + int64_t(ls.slots[s0 + g]) * L.i_pad : nullptr;
+    float acc[MT][4];
+    team_gemm<F, MT, true, false>(acc, wbase, sbase, mstride_w, mstride_s, brow, 16 * L.i_blocks, 1.0f, k0, k1,
+                                  team, TW, wt, red, policy);
+    if (wt != 0) continue;
+    const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
+    const float f = ms.down * (W4A4 ? ms.in2 : 1.0f);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int colx = 2 * q + c;
+      if (colx >= n) continue;
+      float* yrow = p.y + int64_t(ls.slots[s0 + colx]) * p.H;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int h = ht * 16 * MT + 16 * mt + g;
+        if (h < p.H) yrow[h] = acc[mt][c] * f;
+        if (h + 8 < p.H) yrow[h + 8] = acc[mt][2 + c] * f;
+      }
+    }
+  }
+}
+
 // ---- L2 prefetch of GEMM2's weights -----------------------------------------------------------------
-// Issued right after the expert lists exist, so the GEMM2 bytes stream from HBM while GEMM1 runs
-// and the second phase starts from L2 instead of paying the memory latency again after the grid
-// barrier. Each warp prefetches, within its share of the budget, exactly the tiles it will read
-// first in phase 2 (same task and K range mapping as gemm2).
+// Issued right after the expert lists exist, so GEMM2's bytes stream from HBM while GEMM1 runs and the
+// second phase starts from L2 instead of paying the memory latency again after the grid barrier.
+// Each warp prefetches, within its share of the budget, the tiles it reads first in phase 2 (same
+// task and K-range mapping as gemm2).
 __device__ inline void prefetch_gemm2(const DecodeParams& p, const Lists& ls) {
+  constexpr int MT = kTask2Tiles;
   const PackedLayout& L = p.L;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int TW = p.team2, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
@@ -372,159 +438,42 @@ __device__ inline void prefetch_gemm2(const DecodeParams& p, const Lists& ls) {
   if (lane != 0 || k1 <= k0) return;
   const int64_t budget = p.l2_prefetch_bytes / (int64_t(gridDim.x) * kDecodeWarps);
   const uint32_t wbytes = uint32_t(k1 - k0) * kTileBytes, sbytes = uint32_t(k1 - k0) * kTileScaleBytes;
+  const int htiles = L.m_tiles2 / MT, ntasks = ls.n_rows * htiles;
   int64_t used = 0;
-  for (int task = team * gridDim.x + blockIdx.x; task < L.m_tiles2 / kTask2Tiles; task += gridDim.x * teams) {
-    for (int ai = 0; ai < ls.n_active; ++ai) {
-      if (used + kTask2Tiles * (wbytes + sbytes) > budget) return;
-      const int e = ls.active[ai];
-      for (int mt = 0; mt < kTask2Tiles; ++mt) {
-        const int64_t tile = int64_t(kTask2Tiles * task + mt) * KT + k0;
-        prefetch_l2(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile * kTileBytes, wbytes);
-        prefetch_l2(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile * kTileScaleBytes, sbytes);
-      }
-      used += kTask2Tiles * (wbytes + sbytes);
+  for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
+    const int info = ls.rows[task / htiles], ht = task % htiles;
+    if ((info & 0xff) != 0) continue;  // a second pass over the same expert reads the same weights
+    if (used + MT * (wbytes + sbytes) > budget) return;
+    const int e = info >> 8;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int64_t tile = int64_t(MT * ht + mt) * KT + k0;
+      prefetch_l2(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile * kTileBytes, wbytes);
+      prefetch_l2(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile * kTileScaleBytes, sbytes);
     }
+    used += MT * (wbytes + sbytes);
   }
 }
 
-// ---- phase 2: GEMM2 + finalize --------------------------------------------------------------------
-// Position in a warp's work sequence: (work row r, k-tile kt), kt running over the warp's K range.
-struct Cursor {
-  int r, kt;
-  __device__ __forceinline__ void advance(int k0, int k1) {
-    if (++kt == k1) { kt = k0; ++r; }
-  }
-};
-
-template <Format F, bool W4A4>
-__device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* accs) {
-  constexpr int U = kPrefetch;
-  constexpr int MT = kTask2Tiles;
-  constexpr int R = 16 * MT;  // rows of H per task
-  const PackedLayout& L = p.L;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int TW = p.team2, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
-  const int KT = L.k_tiles2;
-  const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW;
-  const int g = lane >> 2, q = lane & 3;
-  const int a_valid_cols = 16 * L.i_blocks;
-  const int nrows = k1 > k0 ? ls.n_rows : 0;  // a warp with an empty K range has no work items
-  const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * kTileScaleBytes;
-  float* myacc = accs + warp * kTokenChunk * R;  // [token][row]
-  for (int i = lane; i < kTokenChunk * R; i += 32) myacc[i] = 0.0f;
-  __syncwarp();
-
-  // B row of this lane (token column g) for work row r; null past the row's slots.
-  auto b_row = [&](int r) -> const __nv_bfloat16* {
-    const int info = ls.rows[r], e = info >> 8, pass = info & 0xff;
-    const int n = min(ls.cnt[e] - pass, 8);
-    return g < n ? p.act + int64_t(ls.slots[ls.start[e] + pass + g]) * L.i_pad : nullptr;
-  };
-  const int ntasks = L.m_tiles2 / MT;
-  for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
-    const int64_t tile_w = int64_t(MT * task) * mstride_w + lane * 16;
-    const int64_t tile_s = int64_t(MT * task) * mstride_s + lane * 2;
-    auto load_a = [&](const Cursor& c, uint4 (&a)[MT], uint32_t (&s)[MT]) {
-      const int e = ls.rows[c.r] >> 8;
-      const uint8_t* w = p.wts + L.w2_off + e * L.w2_expert_bytes() + tile_w + int64_t(c.kt) * kTileBytes;
-      const uint8_t* sp = p.wts + L.s2_off + e * L.s2_expert_bytes() + tile_s + int64_t(c.kt) * kTileScaleBytes;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        a[mt] = ldg_stream(w + mt * mstride_w);
-        s[mt] = ldg_u16(sp + mt * mstride_s);
-      }
-    };
-    Cursor pre{0, k0}, cur{0, k0}, nb{0, k0};
-    uint4 abuf[U][MT];
-    uint32_t sbuf[U][MT];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (pre.r < nrows) { load_a(pre, abuf[u], sbuf[u]); pre.advance(k0, k1); }
-    float acc[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mt][r] = 0.0f;
-    uint4 xa[2], xb[2];
-    if (nrows > 0) {
-      const int col = k0 * kTileCols + 16 * q;
-      load_b<true>(xa, b_row(0), col, col < a_valid_cols);
-      nb.advance(k0, k1);
+// ---- phase 3: finalize ----------------------------------------------------------------------------
+// out[t, h] = sum over the token's local slots j, in slot order, of w_j * (y[t, j, h] + b2[e_j, h]):
+// every output element written once, from the token's own data only.
+__device__ inline void finalize(const DecodeParams& p, const Lists& ls) {
+  const float* b2 = p.L.has_bias ? reinterpret_cast<const float*>(p.wts + p.L.b2_off) : nullptr;
+  const int64_t n = int64_t(p.T) * p.H;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int t = int(idx / p.H), h = int(idx % p.H);
+    float v = 0.0f;
+    for (int j = 0; j < p.k; ++j) {
+      const int slot = t * p.k + j;
+      const int e = ls.ids[slot] - p.local_offset;
+      if (e < 0 || e >= p.num_local) continue;
+      const float w = p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[slot];
+      float y = __ldcg(p.y + int64_t(slot) * p.H + h);
+      if (b2 != nullptr) y += b2[int64_t(e) * p.H + h];
+      v += w * y;
     }
-    auto step = [&](int u, uint4 (&bcur)[2], uint4 (&bnxt)[2]) {
-      uint4 a[MT];
-      uint32_t sc[MT];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) { a[mt] = abuf[u][mt]; sc[mt] = sbuf[u][mt]; }
-      if (pre.r < nrows) { load_a(pre, abuf[u], sbuf[u]); pre.advance(k0, k1); }
-      if (nb.r < nrows) {
-        const int col = nb.kt * kTileCols + 16 * q;
-        load_b<true>(bnxt, b_row(nb.r), col, col < a_valid_cols);
-        nb.advance(k0, k1);
-      }
-      tile_mma<F, MT>(acc, a, sc, bcur);
-      if (cur.kt == k1 - 1) {
-        // This warp's K range of the row's expert is done: scatter w * y into its private accumulator.
-        const int info = ls.rows[cur.r], e = info >> 8, pass = info & 0xff;
-        const int n = min(ls.cnt[e] - pass, 8), s0 = ls.start[e] + pass;
-        const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
-        const float f = ms.down * (W4A4 ? ms.in2 : 1.0f);
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int colx = 2 * q + c;
-          if (colx < n) {
-            const int slot = ls.slots[s0 + colx];
-            const float w = (p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[slot]) * f;
-            float* dst = myacc + (slot / p.k) * R;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              dst[16 * mt + g] += w * acc[mt][c];
-              dst[16 * mt + g + 8] += w * acc[mt][2 + c];
-            }
-          }
-        }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) acc[mt][r] = 0.0f;
-        __syncwarp();
-      }
-      cur.advance(k0, k1);
-    };
-    while (cur.r < nrows) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (cur.r < nrows) {
-          if (u % 2 == 0) step(u, xa, xb);
-          else step(u, xb, xa);
-        }
-      }
-    }
-    team_sync(team, TW);
-    // Finalize: sum the team's warps in order, add biases, write each element once.
-    const float* b2 = L.has_bias ? reinterpret_cast<const float*>(p.wts + L.b2_off) : nullptr;
-    float* team_acc = accs + (team * TW) * kTokenChunk * R;
-    for (int idx = wt * 32 + lane; idx < p.T * R; idx += TW * 32) {
-      const int t = idx / R, r = idx % R, h = task * R + r;
-      float v = 0.0f;
-      for (int w = 0; w < TW; ++w) {
-        v += team_acc[w * kTokenChunk * R + idx];
-        team_acc[w * kTokenChunk * R + idx] = 0.0f;
-      }
-      if (h < p.H) {
-        if (b2 != nullptr) {
-          for (int j = 0; j < p.k; ++j) {
-            const int e = ls.ids[t * p.k + j] - p.local_offset;
-            if (e >= 0 && e < p.num_local) {
-              const float w = p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[t * p.k + j];
-              v += w * b2[int64_t(e) * p.H + h];
-            }
-          }
-        }
-        p.out[int64_t(t) * p.H + h] = __float2bfloat16_rn(v);
-      }
-    }
-    team_sync(team, TW);
+    p.out[idx] = __float2bfloat16_rn(v);
   }
 }
 
@@ -567,6 +516,8 @@ __global__ void __launch_bounds__(kDecodeThreads, W4A4 ? 1 : 2) moe_decode_kerne
   grid.sync();
   mark(p, 4);
   gemm2<F, W4A4>(p, ls, scratch);
+  grid.sync();
+  finalize(p, ls);
   mark(p, 5);
 }
 

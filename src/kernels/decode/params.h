@@ -26,6 +26,7 @@ struct DecodeParams {
   int32_t* ids;               // [T, k]: routing output (workspace) or the caller's precomputed ids
   float* tw;                  // [T, k]
   __nv_bfloat16* act;         // [T * k, L.i_pad] intermediate activations (workspace)
+  float* y;                   // [T * k, H] GEMM2 output per slot, before weights and bias (workspace)
   RoutingMethod method;
   bool route_on_device, renormalize, has_router_bias, logits_bf16;
   int n_group, topk_group;
@@ -54,10 +55,8 @@ struct SmemLayout {
     off = (off + 15) / 16 * 16;
     s.scratch_off = off;
     int routing = kDecodeWarps * 2 * E * 4;
-    int gemm1 = kDecodeWarps * 2 * 2 * 4 * 32 * 4;  // [warp][mt][group][4][lane]
-    int gemm2 = kDecodeWarps * kTokenChunk * 16 * kTask2Tiles * 4;
-    int m = routing > gemm1 ? routing : gemm1;
-    m = m > gemm2 ? m : gemm2;
+    int gemm = kDecodeWarps * 2 * 4 * 32 * 4;  // team reduction: [warp][m-tile][4][lane]
+    int m = routing > gemm ? routing : gemm;
     s.total = off + m;
     return s;
   }
