@@ -464,23 +464,14 @@ __device__ inline void finalize(const DecodeParams& p, const Lists& ls) {
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int t = int(idx / p.H), h = int(idx % p.H);
     float v = 0.0f;
-    // Eight slots' loads in flight at a time, then added in slot order.
-    for (int j0 = 0; j0 < p.k; j0 += 8) {
-      float yv[8], wv[8];
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        const int j = j0 + jj, slot = t * p.k + j;
-        yv[jj] = 0.0f;
-        wv[jj] = 0.0f;
-        const int e = j < p.k ? ls.ids[slot] - p.local_offset : -1;
-        if (e >= 0 && e < p.num_local) {
-          wv[jj] = p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[slot];
-          yv[jj] = __ldcg(p.y + int64_t(slot) * p.H + h);
-          if (b2 != nullptr) yv[jj] += b2[int64_t(e) * p.H + h];
-        }
-      }
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) v += wv[jj] * yv[jj];
+    for (int j = 0; j < p.k; ++j) {
+      const int slot = t * p.k + j;
+      const int e = ls.ids[slot] - p.local_offset;
+      if (e < 0 || e >= p.num_local) continue;
+      const float w = p.method == RoutingMethod::llama4 ? 1.0f : ls.tw[slot];
+      float y = __ldcg(p.y + int64_t(slot) * p.H + h);
+      if (b2 != nullptr) y += b2[int64_t(e) * p.H + h];
+      v += w * y;
     }
     p.out[idx] = __float2bfloat16_rn(v);
   }

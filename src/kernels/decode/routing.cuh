@@ -54,29 +54,20 @@ __device__ __forceinline__ float sigmoidf_exact(float x) { return 1.0f / (1.0f +
 __device__ inline void route_token(const DecodeParams& p, int t, float* sel, float* val, int lane, int* ids_out,
                                    float* tw_out) {
   const int E = p.E, k = p.k;
-  // NOTES: all of the lane's logits (and biases) are requested before the first is used; a loop that
-  // loads and uses one at a time pays a full memory latency per 32 experts.
-  constexpr int kSlots = kMaxRoutedExperts / 32;
-  float lv[kSlots], bv[kSlots];
-#pragma unroll
-  for (int i = 0; i < kSlots; ++i) {
-    const int e = lane + 32 * i;
-    lv[i] = 0.0f;
-    bv[i] = 0.0f;
-    if (e < E) {
-      lv[i] = p.logits_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.logits)[int64_t(t) * E + e])
-                            : reinterpret_cast<const float*>(p.logits)[int64_t(t) * E + e];
-      if (p.has_router_bias) bv[i] = p.router_bias[e];
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kSlots; ++i) {
-    const int e = lane + 32 * i;
-    if (e >= E) continue;
-    const float l = lv[i], b = bv[i];
+  for (int e = lane; e < E; e += 32) {
+    float l = p.logits_bf16
+                  ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.logits)[int64_t(t) * E + e])
+                  : reinterpret_cast<const float*>(p.logits)[int64_t(t) * E + e];
+    float b = p.has_router_bias ? p.router_bias[e] : 0.0f;
     float s = l;
-    if (p.method == RoutingMethod::topk_softmax) s = l + b;
-    if (p.method == RoutingMethod::deepseek_v3 || p.method == RoutingMethod::sigmoid_topk) s = sigmoidf_exact(l);
+    switch (p.method) {
+      case RoutingMethod::softmax_topk: break;             // softmax below
+      case RoutingMethod::topk_softmax: s = l + b; break;  // softmax over the k below
+      case RoutingMethod::deepseek_v3: s = sigmoidf_exact(l); break;
+      case RoutingMethod::llama4: break;
+      case RoutingMethod::sigmoid_topk: s = sigmoidf_exact(l); break;
+      default: break;
+    }
     val[e] = s;
     sel[e] = p.method == RoutingMethod::deepseek_v3 ? s + b : s;
   }
