@@ -43,8 +43,8 @@ class _Info:
 
     def __init__(self, w: DeviceWeights):
         p = w.problem
-        self.hidden, self.experts, self.top_k = w.hidden, w.experts, w.top_k
-        self.router_bias = w.router_bias
+        self.hidden, self.experts, self.top_k = p.hidden, p.num_experts, p.top_k
+        self.router_bias = p.routing.has_bias
         self.precomputed_only = p.routing.method == _C.RoutingMethod.precomputed
         self.device = w.device
         self.workspace_bytes = _C.workspace_size(p)
