@@ -18,13 +18,23 @@ __device__ __forceinline__ bool better(float v, int i, const ArgMax& b) {
   return v > b.v || (v == b.v && i < b.i);
 }
 
+// Total order of floats as unsigned keys (larger float, larger key); NaN maps to 0 and never wins.
+__device__ __forceinline__ unsigned order_key(float v) {
+  const unsigned u = __float_as_uint(v);
+  if (v != v) return 0u;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Warp-wide arg-max of the lanes' candidates (i < 0: none): the largest value, then the lowest index.
+// NOTES: two hardware warp reductions (redux.sync) replace five rounds of shuffles and branches.
 __device__ __forceinline__ ArgMax warp_argmax(ArgMax m) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    ArgMax other{__shfl_xor_sync(0xffffffffu, m.v, o), __shfl_xor_sync(0xffffffffu, m.i, o)};
-    if (other.i >= 0 && (m.i < 0 || better(other.v, other.i, m))) m = other;
-  }
-  return m;
+  const unsigned key = m.i >= 0 ? order_key(m.v) : 0u;
+  const unsigned best = __reduce_max_sync(0xffffffffu, key);
+  const unsigned idx = (m.i >= 0 && key == best) ? unsigned(m.i) : 0xffffffffu;
+  const unsigned win = __reduce_min_sync(0xffffffffu, idx);
+  if (win == 0xffffffffu) return ArgMax{-INFINITY, -1};
+  const int owner = __ffs(__ballot_sync(0xffffffffu, idx == win)) - 1;
+  return ArgMax{__shfl_sync(0xffffffffu, m.v, owner), int(win)};
 }
 
 // Arg-max over row[0, n) skipping NaN; returns {-inf?, -1} when nothing is left.
