@@ -84,7 +84,7 @@ MoeWeights random_layer(const MoeProblem& p, uint64_t seed) {
         if (p.gated()) x.gate = random_fp4(p.format, p.intermediate, p.hidden, s + 1);
         x.up = random_fp4(p.format, p.intermediate, p.hidden, s + 2);
         x.down = random_fp4(p.format, p.hidden, p.intermediate, s + 3);
-        if (p.gated()) x.gate.global_scale *= 1.5f;
+        if (p.gated() && p.format == Format::nvfp4) x.gate.global_scale *= 1.5f;  // gate and up differ
         if (p.has_bias) {
           std::mt19937 rng{static_cast<uint32_t>(s)};
           std::normal_distribution<float> nd(0.0f, 0.1f);
