@@ -11,11 +11,9 @@ message names the argument and what was expected. See docs/python.md.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import importlib.util
 import os
-import weakref
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -319,23 +317,10 @@ def prepack(problem: MoeProblem, weights: MoeWeights) -> PackedWeights:
     return _C.prepack(problem, weights)
 
 
-# Device weights still alive at interpreter exit are released while the CUDA runtime is still up:
-# freeing them during the final teardown, after the runtime has shut down, crashes the process.
-_live_weights: "weakref.WeakSet" = weakref.WeakSet()
-
-
-@atexit.register
-def _release_live_weights() -> None:
-    for w in list(_live_weights):
-        w.release()
-
-
 def upload(problem: MoeProblem, packed: PackedWeights, device: int = 0,
            stream: int = 0) -> DeviceWeights:
     """Copies packed weights to CUDA device `device` and waits for the copy (not capturable)."""
-    w = _C.upload(problem, packed, device, stream)
-    _live_weights.add(w)
-    return w
+    return _C.upload(problem, packed, device, stream)
 
 
 def to_device(problem: MoeProblem, weights: MoeWeights, device: Any = 0) -> DeviceWeights:
