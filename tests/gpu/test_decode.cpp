@@ -24,6 +24,9 @@ struct Case {
   int ep_offset = 0, ep_count = 0;
 };
 
+// gtest prints parameters in test listings (ctest, CI logs): the case's name, not its bytes.
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 MoeProblem make_problem(const Case& c) {
   MoeProblem p;
   p.tokens = c.T;
