@@ -1,9 +1,11 @@
 // Errors: every failure the library reports is an fp4moe::Error carrying the file and line that
 // detected it and a sentence the caller can act on.
 #pragma once
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
 
 namespace fp4moe {
 
@@ -17,6 +19,48 @@ namespace detail {
 [[noreturn]] inline void fail(const std::string& msg, const char* file, int line) {
   throw Error(msg, file, line);
 }
+
+// Builds an error message with `<<` like a stream, without iostreams.
+// NOTES: std::ostream number formatting goes through locale facets; in a shared object built with
+// hidden visibility (Python extensions) the facet ids the object instantiates itself are private
+// copies that the process's C++ library never registered, and formatting a number crashes.
+class Message {
+ public:
+  Message& operator<<(const std::string& s) { text_ += s; return *this; }
+  Message& operator<<(std::string_view s) { text_.append(s.data(), s.size()); return *this; }
+  Message& operator<<(const char* s) { text_ += s != nullptr ? s : "(null)"; return *this; }
+  Message& operator<<(char c) { text_ += c; return *this; }
+  Message& operator<<(bool b) { text_ += b ? "true" : "false"; return *this; }
+  template <class T>
+    requires std::is_integral_v<T> || std::is_enum_v<T>
+  Message& operator<<(T v) {
+    if constexpr (std::is_enum_v<T>) {
+      text_ += std::to_string(static_cast<long long>(v));
+    } else if constexpr (std::is_signed_v<T>) {
+      text_ += std::to_string(static_cast<long long>(v));
+    } else {
+      text_ += std::to_string(static_cast<unsigned long long>(v));
+    }
+    return *this;
+  }
+  Message& operator<<(double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.7g", v);
+    text_ += buf;
+    return *this;
+  }
+  Message& operator<<(float v) { return *this << static_cast<double>(v); }
+  Message& operator<<(const void* p) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%p", p);
+    text_ += buf;
+    return *this;
+  }
+  const std::string& str() const { return text_; }
+
+ private:
+  std::string text_;
+};
 }  // namespace detail
 
 }  // namespace fp4moe
@@ -25,7 +69,7 @@ namespace detail {
 #define FP4MOE_CHECK(cond, ...)                                                      \
   do {                                                                               \
     if (!(cond)) {                                                                   \
-      std::ostringstream fp4moe_msg_;                                                \
+      ::fp4moe::detail::Message fp4moe_msg_;                                         \
       fp4moe_msg_ << __VA_ARGS__;                                                    \
       ::fp4moe::detail::fail(fp4moe_msg_.str(), __FILE__, __LINE__);                 \
     }                                                                                \
