@@ -6,7 +6,6 @@
 #include <cstdlib>
 #include <mutex>
 #include <set>
-#include <sstream>
 
 #include "common/cuda_check.h"
 #include "fp4moe/moe.h"
@@ -116,7 +115,7 @@ bool gpu_available(std::string* why) {
 }
 
 std::string Plan::to_string() const {
-  std::ostringstream o;
+  ::fp4moe::detail::Message o;
   o << "plan{sms=" << sms << " blocks=" << blocks << " threads=" << threads << " team1=" << team_warps1
     << " team2=" << team_warps2 << " chunks=" << chunks << " smem=" << smem_bytes
     << " l2_prefetch=" << l2_prefetch_bytes << "}";

@@ -2,7 +2,6 @@
 #include <cmath>
 #include <cstring>
 #include <set>
-#include <sstream>
 
 #include "checkpoint/model.h"
 #include "checkpoint/safetensors.h"
@@ -27,7 +26,7 @@ using st::Dtype;
 using Ref = st::Checkpoint::Ref;
 
 std::string shape_string(const std::vector<int64_t>& s) {
-  std::ostringstream o;
+  ::fp4moe::detail::Message o;
   o << "[";
   for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
   o << "]";
@@ -75,7 +74,7 @@ std::vector<uint8_t> copy_bytes(const Ref& r) {
 }
 
 std::string layer_list(const std::map<int, ckpt::LayerTensors>& layers) {
-  std::ostringstream o;
+  ::fp4moe::detail::Message o;
   int run_start = -2, prev = -2;
   bool first = true;
   auto flush = [&] {
@@ -170,13 +169,13 @@ struct Loader {
       x.down = nvfp4(proj(id, "down_proj", "w2"), H, I, &x.input_scale2);
       x.input_scale13 = gated ? std::max(in_gate, in_up) : in_up;
       if (gated && x.gate.global_scale != x.up.global_scale) {
-        std::ostringstream o;
+        ::fp4moe::detail::Message o;
         o << prefix << "experts." << e << ": gate and up global scales differ (" << x.gate.global_scale
           << " vs " << x.up.global_scale << "); each is kept for its half";
         out.warnings.push_back(o.str());
       }
       if (gated && in_gate != in_up) {
-        std::ostringstream o;
+        ::fp4moe::detail::Message o;
         o << prefix << "experts." << e << ": gate and up input scales differ (" << in_gate << " vs "
           << in_up << "); GEMM1 quantizes x once, with the larger";
         out.warnings.push_back(o.str());

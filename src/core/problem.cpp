@@ -2,7 +2,6 @@
 #include "fp4moe/problem.h"
 
 #include <cmath>
-#include <sstream>
 
 #include "fp4moe/error.h"
 
@@ -86,7 +85,7 @@ void MoeProblem::validate() const {
 }
 
 std::string MoeProblem::to_string() const {
-  std::ostringstream s;
+  ::fp4moe::detail::Message s;
   s << "T=" << tokens << " H=" << hidden << " I=" << intermediate << " E=" << num_experts
     << " k=" << top_k;
   if (local_experts() != num_experts || local_expert_offset != 0)
