@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <algorithm>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <set>
 
@@ -127,16 +128,29 @@ size_t workspace_size(const MoeProblem& p) {
   return workspace_layout(p).total;
 }
 
-Plan make_plan(const MoeProblem& p) {
-  p.validate();
+namespace {
+
+// The plan of a validated problem. Per-kernel facts (the dynamic shared-memory limit it was raised to,
+// its occupancy for a shared-memory size) are cached: run() calls this on every layer call.
+Plan plan_validated(const MoeProblem& p) {
   check_device_ok();
   static std::mutex mu;
   static DeviceInfo info;
+  static std::map<const void*, size_t> smem_limit;                  // kernel -> attribute set
+  static std::map<std::pair<const void*, size_t>, int> occupancy;  // (kernel, smem) -> blocks/SM
   static std::set<std::string> logged;
+  static const bool log_plans = [] {
+    const char* env = std::getenv("FP4MOE_LOG_PLAN");
+    return env != nullptr && env[0] == '1';
+  }();
   std::lock_guard<std::mutex> lock(mu);
   int dev = 0;
   FP4MOE_CUDA_CHECK(cudaGetDevice(&dev));
-  if (info.device != dev) info = device_info();
+  if (info.device != dev) {
+    info = device_info();
+    smem_limit.clear();
+    occupancy.clear();
+  }
 
   const PackedLayout L = PackedLayout::make(p.hidden, p.intermediate, p.local_experts(), p.format,
                                             p.gated(), p.has_bias);
@@ -151,23 +165,34 @@ Plan make_plan(const MoeProblem& p) {
   FP4MOE_CHECK(plan.smem_bytes <= info.smem_optin,
                "problem needs " << plan.smem_bytes << " bytes of shared memory per block, the device allows "
                                 << info.smem_optin << " (too many local experts?)");
-  KernelFn fn = pick_kernel(p.format, p.gated(), p.input_mode == InputMode::w4a4);
-  FP4MOE_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(fn),
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes)));
-  int per_sm = 0;
-  FP4MOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(fn),
-                                                                  kDecodeThreads, plan.smem_bytes));
-  FP4MOE_CHECK(per_sm > 0, "decode kernel cannot be resident with " << plan.smem_bytes << " bytes of shared memory");
-  plan.blocks = per_sm * info.sms;
+  const void* fn = reinterpret_cast<const void*>(pick_kernel(p.format, p.gated(), p.input_mode == InputMode::w4a4));
+  size_t& limit = smem_limit[fn];
+  if (plan.smem_bytes > limit) {  // only ever raised: a smaller value would break larger problems
+    FP4MOE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes)));
+    limit = plan.smem_bytes;
+  }
+  auto [it, fresh] = occupancy.try_emplace({fn, plan.smem_bytes}, 0);
+  if (fresh) {
+    FP4MOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&it->second, fn, kDecodeThreads, plan.smem_bytes));
+  }
+  FP4MOE_CHECK(it->second > 0, "decode kernel cannot be resident with " << plan.smem_bytes << " bytes of shared memory");
+  plan.blocks = it->second * info.sms;
   // Experts a single token touches on this rank: the tasks of each phase at T = 1.
   const int64_t local_k = std::max<int64_t>(1, ceil_div(int64_t(p.top_k) * p.local_experts(), p.num_experts));
   plan.team_warps1 = pick_team(local_k * L.i_blocks, L.k_tiles13, plan.blocks);
   plan.team_warps2 = pick_team(local_k * (L.m_tiles2 / kernels::kTask2Tiles), L.k_tiles2, plan.blocks);
-  if (const char* env = std::getenv("FP4MOE_LOG_PLAN"); env && env[0] == '1') {
+  if (log_plans) {
     std::string key = p.to_string() + plan.to_string();
     if (logged.insert(key).second) std::fprintf(stderr, "fp4moe: %s -> %s\n", p.to_string().c_str(), plan.to_string().c_str());
   }
   return plan;
+}
+
+}  // namespace
+
+Plan make_plan(const MoeProblem& p) {
+  p.validate();
+  return plan_validated(p);
 }
 
 void run(const MoeProblem& p, const DeviceWeights& w, const DeviceInputs& in, void* workspace,
@@ -199,13 +224,12 @@ void run(const MoeProblem& p, const DeviceWeights& w, const DeviceInputs& in, vo
   FP4MOE_CHECK(workspace != nullptr && workspace_bytes >= wl.total,
                "workspace too small: " << workspace_bytes << " bytes given, " << wl.total << " needed (workspace_size())");
   FP4MOE_CHECK(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, "workspace must be 256-byte aligned");
-  const Plan plan = make_plan(p);
+  const Plan plan = plan_validated(p);
 
   DecodeParams kp{};
   kp.L = L;
   kp.wts = w.data();
   kp.H = p.hidden;
-  kp.I = p.intermediate;
   kp.E = p.num_experts;
   kp.k = p.top_k;
   kp.local_offset = p.local_expert_offset;

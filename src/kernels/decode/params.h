@@ -18,7 +18,7 @@ constexpr int kGroups = 1;              // token groups of 8 per pass over an ex
 struct DecodeParams {
   PackedLayout L;
   const uint8_t* wts;
-  int T, H, I, E, k, local_offset, num_local;
+  int T, H, E, k, local_offset, num_local;
   const __nv_bfloat16* x;     // [T, H]
   __nv_bfloat16* out;         // [T, H]
   const void* logits;         // [T, E]
