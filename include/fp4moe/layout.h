@@ -11,8 +11,11 @@
 // The bits (sign, e1, e0, m) of a pair's low element sit at p0 {15, 8, 7, 6}, p1 {12, 5, 4, 3},
 // p2 {9, 2, 1, 0}, p3 {14, 11, 10, 13}, its high element 16 bits higher: pair 0 is already a bf16x2
 // after one mask, pairs 1 and 2 are one shift away, pair 3 three (11 integer operations a word).
-// Block scales of the same tile: 64 bytes, lane l owns bytes 2l (row g) and 2l + 1 (row g + 8), the
-// scale of its 16 columns, re-encoded so that a bf16 multiplier is one shift and add away:
+// Block scales of the same tile, each stored once, re-encoded so that a bf16 multiplier is one shift
+// and add away. NVFP4 (a scale per 16 columns): 64 bytes, lane l owns bytes 2l (row g) and 2l + 1
+// (row g + 8), the scale of its 16 columns. MXFP4 (a scale per 32 columns): 32 bytes, block
+// b = q / 2 of rows g and g + 8 at bytes 4g + 2b and 4g + 2b + 1, read by lanes q = 2b and 2b + 1 alike
+// (lane_scale_offset). The bytes:
 //   nvfp4: S = e4m3 * 2^119 as bf16; byte = ((exponent - 230) << 3) | mantissa3, bf16 bits = (b << 4) + 0x7300
 //   mxfp4: S = 2^(s - 127 + c) with a per-matrix offset c; byte = s + c, bf16 bits = b << 7
 // Weight nibbles sit in bf16 as e2m1 * 2^-126 (exponent bits only), so S * w = e2m1 * scale * 2^-7
@@ -38,10 +41,16 @@ namespace fp4moe {
 constexpr int kTileRows = 16;
 constexpr int kTileCols = 64;
 constexpr int kTileBytes = kTileRows * kTileCols / 2;  // 512
-constexpr int kTileScaleBytes = 64;
 constexpr int kTokenChunk = 64;  // tokens per launch of the decode kernel
 
 FP4MOE_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Block-scale bytes of one (m-tile, k-tile): one byte per (row, block of the format's size).
+FP4MOE_HD constexpr int scale_tile_bytes(Format f) { return f == Format::nvfp4 ? 64 : 32; }
+// Where lane l = 4 g + q finds its two scale bytes (row g, then row g + 8) inside a scale tile.
+FP4MOE_HD constexpr int lane_scale_offset(Format f, int lane) {
+  return f == Format::nvfp4 ? 2 * lane : 4 * (lane >> 2) + 2 * ((lane & 3) >> 1);
+}
 
 // Per-expert fp32 factors applied in the epilogue.
 struct MatrixScales {
@@ -70,8 +79,9 @@ struct PackedLayout {
 
   FP4MOE_HD int64_t w13_expert_bytes() const { return int64_t(m_tiles13) * k_tiles13 * kTileBytes; }
   FP4MOE_HD int64_t w2_expert_bytes() const { return int64_t(m_tiles2) * k_tiles2 * kTileBytes; }
-  FP4MOE_HD int64_t s13_expert_bytes() const { return int64_t(m_tiles13) * k_tiles13 * kTileScaleBytes; }
-  FP4MOE_HD int64_t s2_expert_bytes() const { return int64_t(m_tiles2) * k_tiles2 * kTileScaleBytes; }
+  FP4MOE_HD int scale_tile_bytes() const { return ::fp4moe::scale_tile_bytes(format); }
+  FP4MOE_HD int64_t s13_expert_bytes() const { return int64_t(m_tiles13) * k_tiles13 * scale_tile_bytes(); }
+  FP4MOE_HD int64_t s2_expert_bytes() const { return int64_t(m_tiles2) * k_tiles2 * scale_tile_bytes(); }
   // b13: [E][2][16 * i_blocks] (gate then up; only the first half when non-gated); b2: [E][H]
   FP4MOE_HD int64_t b13_expert_floats() const { return 2 * 16 * int64_t(i_blocks); }
 

@@ -87,7 +87,7 @@ void pack_matrix(int m_tiles, int k_tiles, int64_t K, Format fmt, RowOf row_of, 
     for (int r = 0; r < 16; ++r) src[r] = row_of(mt * 16 + r);
     for (int kt = 0; kt < k_tiles; ++kt) {
       uint8_t* wt = w_out + (int64_t(mt) * k_tiles + kt) * kTileBytes;
-      uint8_t* st = s_out + (int64_t(mt) * k_tiles + kt) * kTileScaleBytes;
+      uint8_t* st = s_out + (int64_t(mt) * k_tiles + kt) * scale_tile_bytes(fmt);
       for (int lane = 0; lane < 32; ++lane) {
         const int g = lane / 4, q = lane % 4;
         const int64_t c0 = int64_t(kt) * kTileCols + 16 * q;
@@ -114,7 +114,7 @@ void pack_matrix(int m_tiles, int k_tiles, int64_t K, Format fmt, RowOf row_of, 
               nib[h][c] = v;
             }
           }
-          st[2 * lane + h] = byte;
+          st[lane_scale_offset(fmt, lane) + h] = byte;  // MXFP4: lanes 2b and 2b + 1 write the same byte
         }
         for (int j = 0; j < 4; ++j) {
           // Pair p: (row, columns) = p0 (g, 4j+0/1), p1 (g+8, 4j+0/1), p2 (g, 4j+2/3), p3 (g+8, 4j+2/3).

@@ -34,7 +34,8 @@ std::vector<float> decode(const PackedWeights& pw, int64_t w_off, int64_t s_off,
       for (int lane = 0; lane < 32; ++lane) {
         const int g = lane / 4, q = lane % 4;
         const uint8_t* wt = pw.bytes.data() + w_off + (int64_t(mt) * k_tiles + kt) * kTileBytes + lane * 16;
-        const uint8_t* st = pw.bytes.data() + s_off + (int64_t(mt) * k_tiles + kt) * kTileScaleBytes + lane * 2;
+        const uint8_t* st = pw.bytes.data() + s_off + (int64_t(mt) * k_tiles + kt) * scale_tile_bytes(f) +
+                             lane_scale_offset(f, lane);
         const float s_lo = bf16_bits(scale_bits(st[0], f)), s_hi = bf16_bits(scale_bits(st[1], f));
         for (int j = 0; j < 4; ++j) {
           uint32_t w;

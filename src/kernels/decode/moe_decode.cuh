@@ -252,7 +252,7 @@ __device__ __forceinline__ void team_gemm(float (&acc)[MT][4], const uint8_t* wb
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(k0 + u) * kTileBytes, policy);
-        sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(k0 + u) * kTileScaleBytes);
+        sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(k0 + u) * scale_tile_bytes(F));
       }
   uint4 xa[2], xb[2];
   load_b<B_FROM_L2>(xa, brow, k0 * kTileCols + 16 * q, k0 < k1 && k0 * kTileCols + 16 * q < b_cols);
@@ -267,7 +267,7 @@ __device__ __forceinline__ void team_gemm(float (&acc)[MT][4], const uint8_t* wb
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(kt + U) * kTileBytes, policy);
-        sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(kt + U) * kTileScaleBytes);
+        sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(kt + U) * scale_tile_bytes(F));
       }
     const int ncol = (kt + 1) * kTileCols + 16 * q;
     load_b<B_FROM_L2>(nxt, brow, ncol, kt + 1 < k1 && ncol < b_cols);
@@ -315,7 +315,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
   const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW;
   const int g = lane >> 2, q = lane & 3;
   const int ntasks = ls.n_active * L.i_blocks;
-  const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * kTileScaleBytes;
+  const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * scale_tile_bytes(F);
   const uint64_t policy = evict_first_policy();
 
   for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
@@ -323,7 +323,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
     const int e = ls.active[ai];
     const int n = ls.cnt[e], s0 = ls.start[e];
     const uint8_t* wbase = p.wts + L.w13_off + e * L.w13_expert_bytes() + MT * b * mstride_w + lane * 16;
-    const uint8_t* sbase = p.wts + L.s13_off + e * L.s13_expert_bytes() + MT * b * mstride_s + lane * 2;
+    const uint8_t* sbase = p.wts + L.s13_off + e * L.s13_expert_bytes() + MT * b * mstride_s + lane_scale_offset(F, lane);
     const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
 
     for (int pass = 0; pass < n; pass += 8) {
@@ -392,7 +392,7 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* red)
   const int g = lane >> 2, q = lane & 3;
   const int htiles = L.m_tiles2 / MT;
   const int ntasks = ls.n_rows * htiles;
-  const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * kTileScaleBytes;
+  const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * scale_tile_bytes(F);
   const uint64_t policy = evict_first_policy();
 
   for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
@@ -400,7 +400,7 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* red)
     const int info = ls.rows[r], e = info >> 8, pass = info & 0xff;
     const int n = min(ls.cnt[e] - pass, 8), s0 = ls.start[e] + pass;
     const uint8_t* wbase = p.wts + L.w2_off + e * L.w2_expert_bytes() + MT * ht * mstride_w + lane * 16;
-    const uint8_t* sbase = p.wts + L.s2_off + e * L.s2_expert_bytes() + MT * ht * mstride_s + lane * 2;
+    const uint8_t* sbase = p.wts + L.s2_off + e * L.s2_expert_bytes() + MT * ht * mstride_s + lane_scale_offset(F, lane);
     const __nv_bfloat16* brow = g < n ? p.act + int64_t(ls.slots[s0 + g]) * L.i_pad : nullptr;
     float acc[MT][4];
     team_gemm<F, MT, true, false>(acc, wbase, sbase, mstride_w, mstride_s, brow, 16 * L.i_blocks, 1.0f, k0, k1,
@@ -437,7 +437,7 @@ __device__ inline void prefetch_gemm2(const DecodeParams& p, const Lists& ls) {
   const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW;
   if (lane != 0 || k1 <= k0) return;
   const int64_t budget = p.l2_prefetch_bytes / (int64_t(gridDim.x) * kDecodeWarps);
-  const uint32_t wbytes = uint32_t(k1 - k0) * kTileBytes, sbytes = uint32_t(k1 - k0) * kTileScaleBytes;
+  const uint32_t wbytes = uint32_t(k1 - k0) * kTileBytes, sbytes = uint32_t(k1 - k0) * L.scale_tile_bytes();
   const int htiles = L.m_tiles2 / MT, ntasks = ls.n_rows * htiles;
   int64_t used = 0;
   for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
@@ -449,7 +449,7 @@ __device__ inline void prefetch_gemm2(const DecodeParams& p, const Lists& ls) {
     for (int mt = 0; mt < MT; ++mt) {
       const int64_t tile = int64_t(MT * ht + mt) * KT + k0;
       prefetch_l2(p.wts + L.w2_off + e * L.w2_expert_bytes() + tile * kTileBytes, wbytes);
-      prefetch_l2(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile * kTileScaleBytes, sbytes);
+      prefetch_l2(p.wts + L.s2_off + e * L.s2_expert_bytes() + tile * L.scale_tile_bytes(), sbytes);
     }
     used += MT * (wbytes + sbytes);
   }
