@@ -1,5 +1,5 @@
 // The packed kernel layout, decoded on the host with the same bit formulas the kernels use
-// (kernels/decode/fragments.cuh), must reproduce every weight of the standard layout exactly.
+// (kernels/common/fragments.cuh), must reproduce every weight of the standard layout exactly.
 #include <gtest/gtest.h>
 
 #include <cmath>

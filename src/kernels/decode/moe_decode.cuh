@@ -20,9 +20,10 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
-#include "kernels/decode/fragments.cuh"
+#include "kernels/common/epilogue.cuh"
+#include "kernels/common/fragments.cuh"
+#include "kernels/common/routing.cuh"
 #include "kernels/decode/params.h"
-#include "kernels/decode/routing.cuh"
 
 namespace fp4moe::kernels {
 
@@ -77,26 +78,6 @@ __device__ __forceinline__ void fake_quant_block(uint4 (&v)[2], float g) {
   }
   v[0] = make_uint4(o[0], o[1], o[2], o[3]);
   v[1] = make_uint4(o[4], o[5], o[6], o[7]);
-}
-
-__device__ __forceinline__ float activation(const DecodeParams& p, float gate, float up) {
-  switch (p.act_kind) {
-    case Activation::swiglu: return gate / (1.0f + expf(-gate)) * up;
-    case Activation::swiglu_oai: {
-      float g = fminf(gate, p.limit);
-      float u = fminf(fmaxf(up, -p.limit), p.limit);
-      return (u + 1.0f) * g / (1.0f + expf(-p.alpha * g));
-    }
-    case Activation::relu2: {
-      float r = fmaxf(up, 0.0f);
-      return r * r;
-    }
-    case Activation::geglu_tanh: {
-      const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-      return 0.5f * gate * (1.0f + tanhf(c * (gate + 0.044715f * gate * gate * gate))) * up;
-    }
-  }
-  return 0.0f;
 }
 
 // Diagnostics: with p.timeline set, thread 0 of each block records the global timer (ns) at the
@@ -357,7 +338,7 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
             up = acc[0][2 * h + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
           }
           iv[h] = i;
-          av[h] = __bfloat162float(__float2bfloat16_rn(activation(p, gate, up)));
+          av[h] = __bfloat162float(__float2bfloat16_rn(activation(p.act_kind, p.alpha, p.limit, gate, up)));
         }
         if constexpr (W4A4) {
           float amax = fmaxf(fabsf(av[0]), fabsf(av[1]));

@@ -4,7 +4,7 @@
 #include <cuda_bf16.h>
 #include <math.h>
 
-#include "kernels/decode/params.h"
+#include "fp4moe/types.h"
 
 namespace fp4moe::kernels {
 
@@ -61,7 +61,10 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float sigmoidf_exact(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // Routes token t into ids_out / tw_out [t * k + j]; sel / val are this warp's 2 * E floats of scratch.
-__device__ inline void route_token(const DecodeParams& p, int t, float* sel, float* val, int lane, int* ids_out,
+// P is any launch-parameter struct with the routing fields (E, k, logits, logits_bf16, router_bias,
+// has_router_bias, method, renormalize, n_group, topk_group, routed_scaling_factor).
+template <class P>
+__device__ inline void route_token(const P& p, int t, float* sel, float* val, int lane, int* ids_out,
                                    float* tw_out) {
   const int E = p.E, k = p.k;
   for (int e = lane; e < E; e += 32) {
