@@ -9,6 +9,7 @@
 #include "fp4moe/error.h"
 #include "fp4moe/formats.h"
 #include "fp4moe/moe.h"
+#include "fp4moe/weights.h"
 
 namespace fp4moe {
 namespace {
@@ -23,7 +24,7 @@ struct ScaleCode {
 ScaleCode encode_nvfp4_scale(uint8_t e4m3) {
   ScaleCode c;
   uint8_t mag = e4m3 & 0x7F;
-  FP4MOE_CHECK(mag != 0x7F, "NVFP4 block scale is NaN (E4M3 code 0x" << std::hex << int(e4m3) << ")");
+  FP4MOE_CHECK(mag != 0x7F, "NVFP4 block scale is NaN (E4M3 code " << detail::hex_byte(e4m3) << ")");
   c.flip = (e4m3 & 0x80) != 0;
   if (mag == 0) {
     c.zero = true;
@@ -139,11 +140,12 @@ float epilogue_factor(const QuantizedMatrix& m, int mx_offset) {
 
 PackedWeights prepack(const MoeProblem& p, const MoeWeights& w) {
   p.validate();
-  validate(p, w);
+  check_block_scales(p, w);  // validate() and no NaN block scale, named by expert, row and block
   PackedWeights out;
   const int E = p.local_experts();
   const PackedLayout L =
       PackedLayout::make(p.hidden, p.intermediate, E, p.format, p.gated(), p.has_bias);
+  detail::check_host_bytes(L.total_bytes, "prepack (the packed layer)");
   out.layout = L;
   out.bytes.assign(size_t(L.total_bytes), 0);
   uint8_t* base = out.bytes.data();

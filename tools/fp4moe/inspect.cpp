@@ -98,7 +98,7 @@ void run_inspect(const InspectOptions& opt) {
   if (!info.moe_layers.empty()) std::printf(" (prefix %s)", info.moe_layers.front().prefix.c_str());
   std::printf("\n");
   int complete = 0;
-  for (const auto& l : info.moe_layers) complete += l.missing_experts.empty();
+  for (const auto& l : info.moe_layers) complete += l.missing_count == 0;
   std::printf("experts     %d per layer; %d of %zu layers complete\n", info.num_experts, complete,
               info.moe_layers.size());
   for (const auto& w : info.warnings) std::printf("warning     %s\n", w.c_str());
