@@ -84,15 +84,12 @@ def _enum(kind: str, value: Any):
 
 
 def _as_u8(a: Any, name: str) -> np.ndarray:
-    """uint8 view of 1-byte scale arrays (uint8, or ml_dtypes float8_e4m3fn / float8_e8m0fnu)."""
+    """FP4 codes and block scales as arrays; the extension checks their dtype: uint8, or for block
+    scales the one ml_dtypes float8 type of the format (float8_e4m3fn for nvfp4, float8_e8m0fnu for
+    mxfp4), passed on as its bits. Any other dtype is an fp4moe.Error naming both."""
     if a is None:
         return None
-    a = np.asarray(a)
-    if a.dtype != np.uint8 and a.dtype.itemsize == 1 and a.dtype.name.startswith("float8"):
-        a = a.view(np.uint8)
-    if a.dtype != np.uint8:
-        raise Error(f"{name} must be uint8 (or an ml_dtypes float8 type), got {a.dtype}")
-    return a
+    return np.asarray(a)
 
 
 def _is_bf16(a: np.ndarray) -> bool:
@@ -114,7 +111,11 @@ def _per_expert(v: Any, name: str, experts: int) -> Optional[np.ndarray]:
     """A scalar or a sequence of per-expert float values -> float32 [experts]."""
     if v is None:
         return None
-    a = np.asarray(v, dtype=np.float32)
+    try:
+        a = np.asarray(v, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise Error(f"{name} must be a number or a sequence of {experts} numbers, got "
+                    f"{type(v).__name__} ({e})") from None
     if a.ndim == 0:
         a = np.full(experts, a, dtype=np.float32)
     if a.shape != (experts,):
@@ -329,13 +330,16 @@ def to_device(problem: MoeProblem, weights: MoeWeights, device: Any = 0) -> Devi
 
 
 def _device_index(device: Any) -> int:
-    if isinstance(device, int):
+    if isinstance(device, int) and not isinstance(device, bool):
         return device
     index = getattr(device, "index", None)
     if getattr(device, "type", None) == "cuda":
         return 0 if index is None else int(index)
     if isinstance(device, str) and device.startswith("cuda"):
-        return int(device.split(":")[1]) if ":" in device else 0
+        index = device.split(":", 1)[1] if ":" in device else "0"
+        if not index.isdigit():
+            raise Error(f"device must be 'cuda' or 'cuda:N' with N a device index, got {device!r}")
+        return int(index)
     raise Error(f"device must be a CUDA device index, 'cuda:N' or a torch.device, got {device!r}")
 
 
@@ -368,7 +372,7 @@ def moe_forward(weights: DeviceWeights, x: Any, router_logits: Any = None, *,
     if out is None or workspace is None or stream is None:
         raise Error("the DLPack path needs out (bf16 [T, H]), workspace (uint8, at least "
                     "workspace_size(problem) bytes) and stream (a cudaStream_t as int)")
-    _C.moe_forward_dlpack(weights, x, out, workspace, int(stream), router_logits, router_bias,
+    _C.moe_forward_dlpack(weights, x, out, workspace, stream, router_logits, router_bias,
                           topk_ids, topk_weights)
     return out
 
