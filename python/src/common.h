@@ -148,9 +148,10 @@ inline Array to_array(nb::handle h, const char* name, const char* float8_ok = nu
   nb::object obj = nb::borrow(h);
   if (nb::hasattr(obj, "dtype") && nb::hasattr(obj, "view")) {
     const std::string dt = py_str(nb::object(obj.attr("dtype")));
-    const bool ml = dt.rfind("float8", 0) == 0 || dt.rfind("float4", 0) == 0 || dt.rfind("float6", 0) == 0 ||
-                    dt == "bfloat16" || dt.rfind("int4", 0) == 0 || dt.rfind("uint4", 0) == 0 ||
-                    dt.rfind("int2", 0) == 0 || dt.rfind("uint2", 0) == 0;
+    // The ml_dtypes types (their buffers do not export through DLPack).
+    const bool ml = dt.rfind("float8_", 0) == 0 || dt.rfind("float4_", 0) == 0 ||
+                    dt.rfind("float6_", 0) == 0 || dt == "bfloat16" || dt == "int4" || dt == "uint4" ||
+                    dt == "int2" || dt == "uint2";
     if (ml) {
       FP4MOE_CHECK(float8_ok != nullptr && dt == float8_ok,
                    name << " must have dtype uint8" << (float8_ok ? std::string(" or ") + float8_ok : std::string())
