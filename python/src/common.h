@@ -219,6 +219,25 @@ inline float to_float(nb::handle h, const char* name) {
   return static_cast<float>(d);
 }
 
+// `v` as a T: bool (True / False only), integers (checked range), floats (float32 range) and bound
+// classes / enums; anything else is an fp4moe.Error naming `label`, the expected and the given type.
+template <class T>
+T convert_field(nb::handle v, const char* label) {
+  if constexpr (std::is_same_v<T, bool>) {
+    FP4MOE_CHECK(PyBool_Check(v.ptr()), label << " must be True or False, got " << describe(v));
+    return v.ptr() == Py_True;
+  } else if constexpr (std::is_integral_v<T>) {
+    return to_int<T>(v, label);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return to_float(v, label);
+  } else {
+    T out{};
+    if (!nb::try_cast<T>(v, out))
+      FP4MOE_FAIL(label << " must be a " << nb::type_name(nb::type<T>()).c_str() << ", got " << describe(v));
+    return out;
+  }
+}
+
 // A NumPy array that owns a moved-in std::vector.
 template <class T>
 nb::ndarray<nb::numpy, T> to_numpy(std::vector<T>&& v, std::initializer_list<size_t> shape) {

@@ -65,8 +65,11 @@ void bind_formats(nb::module_& m) {
                               "[rows, cols / block], global scale in the decode direction.")
       .def(
           "__init__",
-          [](QuantizedMatrix* self, nb::handle data, nb::handle scales, Format format,
-             nb::handle global_scale, ScaleDirection direction, ScaleLayout layout) {
+          [](QuantizedMatrix* self, nb::handle data, nb::handle scales, nb::handle format_h,
+             nb::handle global_scale, nb::handle direction_h, nb::handle layout_h) {
+            const auto format = convert_field<Format>(format_h, "format");
+            const auto direction = convert_field<ScaleDirection>(direction_h, "direction");
+            const auto layout = convert_field<ScaleLayout>(layout_h, "scale_layout");
             const char* f8 = format == Format::nvfp4 ? "float8_e4m3fn" : "float8_e8m0fnu";
             new (self) QuantizedMatrix(make_matrix(format, to_array(data, "matrix.data"),
                                                    to_array(scales, "matrix.scales", f8),

@@ -27,25 +27,9 @@ void enum_from_string(nb::enum_<E>& e, Parse parse) {
                 "The name the library prints and parses.");
 }
 
-// Field setters that convert through the checked helpers of common.h: an out-of-range int or a
-// wrong type is an fp4moe.Error naming "Class.field", the expected and the given value.
-template <class T>
-T convert_field(nb::handle v, const char* label) {
-  if constexpr (std::is_same_v<T, bool>) {
-    FP4MOE_CHECK(PyBool_Check(v.ptr()), label << " must be True or False, got " << describe(v));
-    return v.ptr() == Py_True;
-  } else if constexpr (std::is_integral_v<T>) {
-    return to_int<T>(v, label);
-  } else if constexpr (std::is_floating_point_v<T>) {
-    return to_float(v, label);
-  } else {
-    T out{};
-    if (!nb::try_cast<T>(v, out))
-      FP4MOE_FAIL(label << " must be a " << nb::type_name(nb::type<T>()).c_str() << ", got " << describe(v));
-    return out;
-  }
-}
-
+// Field setters that convert through the checked helpers of common.h (convert_field): an
+// out-of-range int or a wrong type is an fp4moe.Error naming "Class.field", the expected and the
+// given value.
 template <class C, class T>
 void def_field(nb::class_<C>& cls, const char* name, T C::*member, const char* label) {
   cls.def_prop_rw(
