@@ -136,6 +136,13 @@ inline std::string py_str(nb::handle h) {
 // Python type name (or NumPy dtype) of an object, for messages.
 inline std::string describe(nb::handle h) {
   std::string s = Py_TYPE(h.ptr())->tp_name;
+  if (PyLong_Check(h.ptr()) || PyFloat_Check(h.ptr()) || PyUnicode_Check(h.ptr())) {
+    PyObject* r = PyObject_Repr(h.ptr());
+    const char* c = r != nullptr ? PyUnicode_AsUTF8(r) : nullptr;
+    if (c != nullptr) s += std::string(" ") + (std::strlen(c) > 60 ? std::string(c, 60) + "..." : std::string(c));
+    if (c == nullptr) PyErr_Clear();
+    Py_XDECREF(r);
+  }
   if (nb::hasattr(h, "dtype")) s += " of dtype " + py_str(nb::object(h.attr("dtype")));
   return s;
 }
