@@ -124,7 +124,8 @@ void bind_formats(nb::module_& m) {
         } else {
           float amax = 0.0f;
           for (size_t i = 0; i < x.size(); ++i) amax = std::max(amax, std::fabs(p[i]));
-          g = nvfp4_global_scale(amax);
+          // A non-finite x has no amax: quantize with 1 so the quantizer names the element.
+          g = std::isfinite(amax) ? nvfp4_global_scale(amax) : 1.0f;
           direction = ScaleDirection::decode;
         }
         nb::gil_scoped_release nogil;
