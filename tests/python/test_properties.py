@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 
 from test_package_cpu import fp4moe  # noqa: E402
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 F32 = np.float32
 
 
