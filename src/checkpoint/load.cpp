@@ -109,10 +109,13 @@ void check_scales(const QuantizedMatrix& m, const Ref& r, const std::string& wha
     const bool nan = m.format == Format::nvfp4 ? (s & 0x7F) == 0x7F : s == 0xFF;
     if (nan) {
       const int64_t row = int64_t(i) / kcols, block = int64_t(i) % kcols;
-      FP4MOE_FAIL(r.file->path() << ": tensor '" << r.info->name << "' (" << what << "): block scale of row "
-                                 << row << ", block " << block << " (tensor row "
-                                 << row * row_stride + row_offset << ") is NaN ("
-                                 << (m.format == Format::nvfp4 ? "E4M3" : "E8M0") << " code "
+      const bool fused = row_stride != 1 || row_offset != 0;
+      FP4MOE_FAIL(r.file->path() << ": tensor '" << r.info->name << "'"
+                                 << (fused ? " (" + what + ")" : std::string()) << ": block scale of row "
+                                 << row << ", block " << block
+                                 << (fused ? " (tensor row " + std::to_string(row * row_stride + row_offset) + ")"
+                                           : std::string())
+                                 << " is NaN (" << (m.format == Format::nvfp4 ? "E4M3" : "E8M0") << " code "
                                  << detail::hex_byte(s) << "); the export is damaged");
     }
     negative += m.format == Format::nvfp4 && (s & 0x80) != 0;

@@ -259,6 +259,24 @@ TEST(HardenScales, NanBlockScaleIsRefusedByPrepackNamingExpertRowAndBlock) {
   }
 }
 
+TEST(HardenScales, NanBlockScaleInGptOssFusedTensorNamesExpertHalfAndRow) {
+  test::TempDir dir;
+  test::TestModel m;
+  m.format = CheckpointFormat::gpt_oss_mxfp4;
+  m.model_type = "gpt_oss";
+  const auto written = test::write_test_checkpoint(dir.path(), m);
+  const std::string name = "model.layers.1.mlp.experts.gate_up_proj_scales";
+  auto s = written.tensors.at(name).bytes;
+  // [E, 2I, H/32] with I = 32, H = 64: expert 1, fused row 3 (up row 1), block 1.
+  s[size_t((1 * 64 + 3) * 2 + 1)] = 0xFF;
+  test::overwrite_tensor_bytes(dir.path(), written, name, s);
+  const auto msg = error_of([&] { load_moe_layer(dir.path(), 1, 1); });
+  EXPECT_MENTIONS(msg, name);
+  EXPECT_MENTIONS(msg, "(expert 1 up)");
+  EXPECT_MENTIONS(msg, "row 1, block 1 (tensor row 67)");
+  EXPECT_MENTIONS(msg, "E8M0 code 0xFF");
+}
+
 // ---- non-finite routing inputs ---------------------------------------------------------------------
 
 struct NanCase {
