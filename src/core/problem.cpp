@@ -129,6 +129,7 @@ std::string MoeProblem::to_string() const {
     s << " logits=" << fp4moe::to_string(routing.logits_dtype);
   if (routing.has_bias) s << " router_bias";
   if (has_bias) s << " expert_bias";
+  if (batch_invariant) s << " batch_invariant";
   return s.str();
 }
 

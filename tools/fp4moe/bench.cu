@@ -346,7 +346,7 @@ void bench(Options o) {
 
       if (o.timeline) {
         const Plan plan = make_plan(prun);
-        Dev<uint64_t> tl(size_t(plan.blocks) * 8);
+        Dev<uint64_t> tl(size_t(plan.decode.blocks) * 8);
         DeviceInputs in = inputs(0);
         in.timeline = tl.p;
         run(prun, dw[0], in, ws.p, ws_bytes, stream);
@@ -354,19 +354,19 @@ void bench(Options o) {
         std::vector<uint64_t> h(tl.n);
         FP4MOE_CUDA_CHECK(cudaMemcpy(h.data(), tl.p, h.size() * 8, cudaMemcpyDeviceToHost));
         uint64_t t0 = UINT64_MAX;
-        for (int b = 0; b < plan.blocks; ++b) t0 = std::min(t0, h[size_t(b) * 6]);
+        for (int b = 0; b < plan.decode.blocks; ++b) t0 = std::min(t0, h[size_t(b) * 6]);
         const char* names[6] = {"start", "routed", "lists", "gemm1", "barrier", "gemm2"};
         std::fprintf(stderr, "timeline %s T=%lld (us since the first block started; min / max over %d blocks):", name.c_str(),
-                     (long long)T, plan.blocks);
+                     (long long)T, plan.decode.blocks);
         for (int k = 0; k < 6; ++k) {
           uint64_t lo = UINT64_MAX, hi = 0;
-          for (int b = 0; b < plan.blocks; ++b) {
+          for (int b = 0; b < plan.decode.blocks; ++b) {
             lo = std::min(lo, h[size_t(b) * 6 + k]);
             hi = std::max(hi, h[size_t(b) * 6 + k]);
           }
           std::fprintf(stderr, " %s %.1f/%.1f", names[k], (lo - t0) / 1e3, (hi - t0) / 1e3);
         }
-        const uint64_t* clk = h.data() + size_t(plan.blocks) * 6;
+        const uint64_t* clk = h.data() + size_t(plan.decode.blocks) * 6;
         const double ns = double(h[5] - h[0]);
         std::fprintf(stderr, " | block 0 ran at %.0f MHz\n", ns > 0 ? double(clk[1] - clk[0]) / ns * 1e3 : 0.0);
       }
