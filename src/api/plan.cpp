@@ -95,8 +95,8 @@ struct CrossoverEntry {
   const char* source;
 };
 constexpr CrossoverEntry kCrossover[] = {
-    {"H200", int64_t(1) << 62, "initial rule: decode while one 64-token launch covers T; to be replaced by the measured crossover"},
-    {"H100", int64_t(1) << 62, "initial rule: decode while one 64-token launch covers T (no prefill measurement on the H100)"},
+    {"H200", 65, "initial rule: decode while one 64-token launch covers T; to be replaced by the measured crossover"},
+    {"H100", 65, "initial rule: decode while one 64-token launch covers T (no prefill measurement on the H100)"},
 };
 
 }  // namespace
