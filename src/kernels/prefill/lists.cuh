@@ -72,12 +72,18 @@ __global__ void __launch_bounds__(kScanThreads) prefill_scan_kernel(const __grid
   PrefillTile* tiles = ws_ptr<PrefillTile>(p, p.W.tiles_off);
   int* misc = ws_ptr<int>(p, p.W.misc_off);
   // Per expert: each chunk's offset among the expert's slots (in place), and the total.
+  // NOTES: eight loads in flight per round; a plain read-modify-write loop waits one L2 latency per chunk.
   for (int e = threadIdx.x; e < NL; e += blockDim.x) {
     int run = 0;
-    for (int b = 0; b < chunks; ++b) {
-      const int h = hist[int64_t(b) * NL + e];
-      hist[int64_t(b) * NL + e] = run;
-      run += h;
+    for (int b0 = 0; b0 < chunks; b0 += 8) {
+      int h[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) h[u] = b0 + u < chunks ? hist[int64_t(b0 + u) * NL + e] : 0;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (b0 + u < chunks) hist[int64_t(b0 + u) * NL + e] = run;
+        run += h[u];
+      }
     }
     count[e] = run;
   }
