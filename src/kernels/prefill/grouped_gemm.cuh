@@ -105,10 +105,11 @@ __device__ __forceinline__ void consumer_sync(int c) { asm volatile("bar.sync %0
 
 // GEMM1: scales, token weight (Llama-4), bias, activation, bf16, W4A4 quantization; `a` stored
 // K-permuted at the tile's sorted rows. m-tiles past the expert's end (mt >= MT) store zeros.
-template <int BN>
+template <int BN, Activation ACT>
 __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const PrefillTile& tile, int mt, int MT,
                                                const MatrixScales& ms, const float (&acc)[BN / 2], float* xch, int c,
                                                int w) {
+  constexpr bool GATED = ACT != Activation::relu2;
   const PackedLayout& L = p.L;
   const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
   const int* row_slot = ws_ptr<const int>(p, p.W.row_slot_off);
@@ -120,7 +121,7 @@ __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const Pre
   const float in13 = p.w4a4 ? ms.in13 : 1.0f;
   __nv_bfloat16* act = ws_ptr<__nv_bfloat16>(p, p.W.act_off);
   int i_lo, i_hi;  // intermediate index of accumulator rows g and g + 8
-  if (L.gated) {
+  if constexpr (GATED) {
     i_lo = i_hi = 16 * (mt / 2) + 8 * (mt % 2) + g;  // gate row g, up row g + 8 of the same i
   } else {
     i_lo = 16 * mt + g;
@@ -135,16 +136,16 @@ __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const Pre
       float wtok = 1.0f;
       if (p.method == RoutingMethod::llama4 && col < tile.rows) wtok = p.tw[row_slot[tile.row0 + col]];
       const float lo = acc[4 * cg + cc], hi = acc[4 * cg + 2 + cc];
-      if (L.gated) {
+      if constexpr (GATED) {
         const float gate = lo * ms.gate * in13 * wtok + (b13 ? b13[i_lo] : 0.0f);
         const float up = hi * ms.up * in13 * wtok + (b13 ? b13[half + i_lo] : 0.0f);
-        v[cg][cc][0] = real ? __bfloat162float(__float2bfloat16_rn(activation(p.act_kind, p.alpha, p.limit, gate, up))) : 0.0f;
+        v[cg][cc][0] = real ? __bfloat162float(__float2bfloat16_rn(activation(ACT, p.alpha, p.limit, gate, up))) : 0.0f;
         v[cg][cc][1] = 0.0f;
       } else {
         const float up0 = lo * ms.up * in13 * wtok + (b13 ? b13[half + i_lo] : 0.0f);
         const float up1 = hi * ms.up * in13 * wtok + (b13 ? b13[half + i_hi] : 0.0f);
-        v[cg][cc][0] = real ? __bfloat162float(__float2bfloat16_rn(activation(p.act_kind, p.alpha, p.limit, 0.0f, up0))) : 0.0f;
-        v[cg][cc][1] = real ? __bfloat162float(__float2bfloat16_rn(activation(p.act_kind, p.alpha, p.limit, 0.0f, up1))) : 0.0f;
+        v[cg][cc][0] = real ? __bfloat162float(__float2bfloat16_rn(activation(ACT, p.alpha, p.limit, 0.0f, up0))) : 0.0f;
+        v[cg][cc][1] = real ? __bfloat162float(__float2bfloat16_rn(activation(ACT, p.alpha, p.limit, 0.0f, up1))) : 0.0f;
       }
     }
   if (p.w4a4) {
@@ -158,7 +159,7 @@ __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const Pre
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
-        if (L.gated) {
+        if constexpr (GATED) {
           v[cg][cc][1] = m;
           if (g == 0) xch[(c * 4 + w) * BN + 8 * cg + 2 * q + cc] = m;
         } else {
@@ -167,7 +168,7 @@ __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const Pre
           v[cg][cc][1] = e2m1_round(v[cg][cc][1] / den) * sbk;
         }
       }
-    if (L.gated) {
+    if constexpr (GATED) {
       consumer_sync(c);
 #pragma unroll
       for (int cg = 0; cg < BN / 8; ++cg)
@@ -189,7 +190,7 @@ __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const Pre
       if (col >= tile.rows) continue;
       __nv_bfloat16* arow = act + int64_t(tile.row0 + col) * i_pad;
       if (i_lo < i_pad) arow[pc_lo] = __float2bfloat16_rn(v[cg][cc][0]);
-      if (!L.gated && i_hi < i_pad) arow[pc_hi] = __float2bfloat16_rn(v[cg][cc][1]);
+      if (!GATED && i_hi < i_pad) arow[pc_hi] = __float2bfloat16_rn(v[cg][cc][1]);
     }
 }
 
@@ -345,8 +346,19 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
       mainloop(std::integral_constant<int, BN>{});
     const MatrixScales ms = reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off)[tile.expert];
     if constexpr (PHASE == 1) {
-      epilogue_gemm1<BN>(p, tile, mb * MTB + mt_lo, MT, ms, acc_lo, xch, c, w);
-      epilogue_gemm1<BN>(p, tile, mb * MTB + mt_hi, MT, ms, acc_hi, xch, c, w);
+      // NOTES: one activation per instantiation: the unrolled epilogue with every activation inlined
+      // was ~500 KB of code, and instruction fetch stalled the warps (ncu: 31% of stall cycles).
+      auto epilogue = [&](auto act) {
+        constexpr Activation A = decltype(act)::value;
+        epilogue_gemm1<BN, A>(p, tile, mb * MTB + mt_lo, MT, ms, acc_lo, xch, c, w);
+        epilogue_gemm1<BN, A>(p, tile, mb * MTB + mt_hi, MT, ms, acc_hi, xch, c, w);
+      };
+      switch (p.act_kind) {
+        case Activation::swiglu: epilogue(std::integral_constant<Activation, Activation::swiglu>{}); break;
+        case Activation::swiglu_oai: epilogue(std::integral_constant<Activation, Activation::swiglu_oai>{}); break;
+        case Activation::relu2: epilogue(std::integral_constant<Activation, Activation::relu2>{}); break;
+        case Activation::geglu_tanh: epilogue(std::integral_constant<Activation, Activation::geglu_tanh>{}); break;
+      }
     } else {
       epilogue_gemm2<BN>(p, tile, mb * MTB + mt_lo, ms, acc_lo);
       epilogue_gemm2<BN>(p, tile, mb * MTB + mt_hi, ms, acc_hi);
