@@ -3,20 +3,21 @@
 // tiles as B from shared memory.
 //
 //   work item  (token tile, m-block): a token tile is up to BN sorted rows of one local expert
-//              (prefill_scan_kernel), an m-block 128 weight rows = 8 packed m-tiles of that expert.
+//              (prefill_scan_kernel), an m-block 256 weight rows = 16 packed m-tiles of that expert.
 //              Items are numbered tile-major (the m-blocks of one tile, then the next tile of the same
 //              expert), so the blocks running at the same time share weights through L2; every item
 //              costs the same (K is fixed), so a static stride over the persistent grid balances skewed
 //              routings too.
 //   warpgroup 0    producer: one thread issues, per k-tile of 64 columns, three TMA copies into a
-//                  stage of the shared-memory ring: the 8 weight tiles (4 KB, one box of the packed
+//                  stage of the shared-memory ring: the 16 weight tiles (8 KB, one box of the packed
 //                  tiles seen as [m-tile][k-tile][512 B]), their scale tiles, and the B tile (BN rows
 //                  x 128 B, 128-byte swizzle), completing on the stage's transaction barrier.
-//   warpgroups 1-2 consumers: warp w of consumer c owns m-tile 4 c + w of the block, i.e. rows
-//                  16 w..16 w + 15 of its warpgroup's m64 wgmma; per k-tile each lane reads its 16
-//                  bytes of weights and 2 scale bytes from shared memory, dequantizes them into the A
-//                  fragments of the four k16 steps (fragments.cuh: the same layout as mma.m16n8k16's
-//                  A), issues four wgmma m64nBNk16 against the stage's B tile, waits for them and
+//   warpgroups 1-2 consumers: warp w of consumer c owns m-tiles 8 c + w and 8 c + 4 + w of the
+//                  block, i.e. rows 16 w..16 w + 15 of its warpgroup's two m64 wgmmas; per k-tile each
+//                  lane reads its 16 bytes of weights and 2 scale bytes of both from shared memory,
+//                  dequantizes them into the A fragments of the four k16 steps (fragments.cuh: the
+//                  same layout as mma.m16n8k16's A), issues 2 x 4 wgmma m64nNk16 against the stage's
+//                  B tile (N = BN, or 32 / 64 for an expert's last, narrower tile), waits for them and
 //                  releases the stage. The two consumer warpgroups overlap each other: one
 //                  dequantizes while the other's wgmmas run.
 // NOTES: dequantizing the next k-tile while this warpgroup's own wgmmas are in flight (a second A
