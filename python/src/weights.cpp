@@ -184,7 +184,7 @@ HostCall host_call(const MoeProblem& problem, const std::optional<Array>& x, int
   if (topk_ids || topk_weights) {
     FP4MOE_CHECK(topk_ids && topk_weights, "pass topk_ids and topk_weights together");
     FP4MOE_CHECK(!logits, "pass either router logits or topk_ids / topk_weights, not both");
-    c.p.routing.method = RoutingMethod::precomputed;
+    c.p = c.p.with_precomputed_routing();
     c.ids = to_vector<int32_t>(*topk_ids, "topk_ids", {T, k});
     c.weights = to_vector<float>(*topk_weights, "topk_weights", {T, k});
   } else {

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   fp4moe::cli::add_inspect_command(app);
   fp4moe::cli::add_device_command(app);
   fp4moe::cli::add_bench_command(app);
+  fp4moe::cli::add_prepack_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
