@@ -31,7 +31,8 @@ struct CheckpointLayer {
   int layer = 0;
   std::string prefix;               // tensor-name prefix of the MoE block, e.g. "model.layers.3.mlp."
   int experts_found = 0;            // distinct expert indices with tensors in the files
-  std::vector<int> missing_experts; // indices in [0, E) with no tensors (a damaged or partial export)
+  int64_t missing_count = 0;        // experts in [0, E) with no tensors (a damaged or partial export)
+  std::vector<int> missing_experts; // the first of them (at most 64), ascending
 };
 
 struct CheckpointInfo {
@@ -66,11 +67,12 @@ struct LoadedLayer {
   std::vector<float> router_weight;  // [E, H]
   std::vector<float> router_bias;    // [E]: router bias (gpt-oss) or e_score_correction_bias
                                      // (DeepSeek); empty unless problem.routing.has_bias
-  std::vector<std::string> warnings; // e.g. gate/up global scales that differ, NaN block scales
+  std::vector<std::string> warnings; // e.g. gate/up global scales that differ, negative block scales
 };
 
 // Loads the routed experts and router of `layer`. Throws fp4moe::Error naming the file and tensor
-// for a missing, misshapen or mistyped tensor, and listing the MoE layers when `layer` has none.
+// for a missing, misshapen or mistyped tensor or a NaN block scale (with its expert, row and
+// block), and listing the MoE layers when `layer` has none.
 LoadedLayer load_moe_layer(const std::string& dir, int layer, int64_t tokens,
                            const LoadOptions& options = {});
 

@@ -1,7 +1,9 @@
 // Errors: every failure the library reports is an fp4moe::Error carrying the file and line that
 // detected it and a sentence the caller can act on.
 #pragma once
+#include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -61,6 +63,40 @@ class Message {
  private:
   std::string text_;
 };
+
+// "0x7F": a byte in hex for messages (Message has no stream manipulators).
+inline std::string hex_byte(unsigned v) {
+  char buf[8];
+  std::snprintf(buf, sizeof buf, "0x%02X", v & 0xFFu);
+  return buf;
+}
+
+// Sizes computed from caller input: a * b and a + b in 64-bit arithmetic, throwing an Error that
+// names `what` instead of wrapping. Both operands must be non-negative.
+inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) {
+    Message m;
+    m << what << ": " << a << " * " << b << " overflows 64-bit arithmetic (or is negative); the "
+      << "sizes are too large";
+    throw Error(m.str(), __FILE__, __LINE__);
+  }
+  return r;
+}
+inline int64_t checked_add(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  if (a < 0 || b < 0 || __builtin_add_overflow(a, b, &r)) {
+    Message m;
+    m << what << ": " << a << " + " << b << " overflows 64-bit arithmetic (or is negative); the "
+      << "sizes are too large";
+    throw Error(m.str(), __FILE__, __LINE__);
+  }
+  return r;
+}
+
+// Throws an Error naming `what` and the byte count when `bytes` exceed the machine's physical
+// memory, before anything of that size is allocated (a bad_alloc or the OOM killer later says less).
+void check_host_bytes(int64_t bytes, const char* what);
 }  // namespace detail
 
 }  // namespace fp4moe

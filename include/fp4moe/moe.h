@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fp4moe/layout.h"
+#include "fp4moe/plan.h"
 #include "fp4moe/problem.h"
 #include "fp4moe/weights.h"
 
@@ -54,29 +55,16 @@ struct DeviceInputs {
   const int32_t* topk_ids = nullptr;    // [T, k] for RoutingMethod::precomputed
   const float* topk_weights = nullptr;  // [T, k]
   void* out = nullptr;                  // [T, H] bf16, every element written
-  // Diagnostics (optional): device buffer of Plan::blocks * 8 uint64 that receives each block's
+  // Diagnostics (optional, decode tactic): device buffer of Plan::blocks() * 8 uint64 that receives each block's
   // global-timer stamps at the phase boundaries of the last chunk and its SM clock at start and end
   // (see `fp4moe bench --timeline`).
   void* timeline = nullptr;
 };
 
-// The chosen configuration of a call: printable, decided once per problem shape.
-struct Plan {
-  int sms = 0;               // multiprocessors of the device
-  int blocks = 0;            // persistent grid size
-  int threads = 0;           // threads per block
-  int team_warps1 = 0;       // warps that split K of one GEMM1 task
-  int team_warps2 = 0;       // warps that split K of one GEMM2 task
-  int64_t chunks = 0;        // launches (token chunks of kTokenChunk)
-  size_t smem_bytes = 0;     // dynamic shared memory per block
-  int64_t l2_prefetch_bytes = 0;  // GEMM2 weights prefetched into L2 while GEMM1 runs
-  std::string to_string() const;
-};
-
-// Workspace bytes a call with this problem needs (0 for T = 0).
+// Workspace bytes a call with this problem needs (0 for T = 0), whichever tactic the planner picks
+// on any device. It grows with T up to the prefill token chunk (PrefillTactic::token_chunk) and stays
+// constant above it.
 size_t workspace_size(const MoeProblem& p);
-// The plan `run` would use on the current device. FP4MOE_LOG_PLAN=1 prints each new plan once.
-Plan make_plan(const MoeProblem& p);
 
 // Runs the layer. Validates the problem, pointers (non-null, alignment), the weights' layout against
 // the problem and the device (sm_90) before anything launches; throws fp4moe::Error otherwise.

@@ -40,6 +40,9 @@ struct MoeProblem {
   ActivationConfig activation;
   RoutingConfig routing;
   bool has_bias = false;  // b13 [2I] (or [I]) and b2 [H] per expert
+  // One summation order for every T (SPEC "Batch invariance"): a token's output is bitwise the same
+  // whatever else shares the call, also where the planner would otherwise switch kernel families.
+  bool batch_invariant = false;
 
   int local_experts() const { return num_local_experts > 0 ? num_local_experts : num_experts; }
   bool gated() const { return is_gated(activation.kind); }

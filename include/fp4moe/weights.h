@@ -30,6 +30,11 @@ struct MoeWeights {
 // expert per local expert); throws fp4moe::Error naming the expert and tensor.
 void validate(const MoeProblem& p, const MoeWeights& w);
 
+// Rejects NaN block scales (E4M3 0x7F / 0xFF for NVFP4, E8M0 0xFF for MXFP4, SPEC "Non-finite
+// inputs"): throws fp4moe::Error naming the expert, matrix, row and block of the first one. `make`,
+// `prepack` and the checkpoint loader call it; validate() does not (it stays O(1) per matrix).
+void check_block_scales(const MoeProblem& p, const MoeWeights& w);
+
 // Random weights for tests and the CLI: N(0, 0.02)-like values quantized with the library's quantizer
 // (NVFP4 with a per-matrix global scale, or MXFP4), biases when p.has_bias, input scales for W4A4.
 // Deterministic in (p, seed); expert e is the same whatever the local range. Large layers copy rows

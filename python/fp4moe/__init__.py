@@ -58,6 +58,30 @@ __all__ = [
     "swizzled_size", "to_device", "unswizzle_scales", "upload", "workspace_size",
 ]
 
+class _Translating:
+    """The extension's functions with nanobind's argument-type errors ("incompatible function
+    arguments": an object of the wrong type, e.g. a list where a MoeProblem is expected) raised as
+    fp4moe.Error; the message keeps nanobind's list of the expected and the given types."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        f = getattr(self._module, name)
+
+        def call(*args, **kwargs):
+            try:
+                return f(*args, **kwargs)
+            except TypeError as e:
+                if "incompatible function arguments" not in str(e):
+                    raise
+                raise Error(f"{name}: an argument has the wrong type. {e}") from None
+
+        return call
+
+
+_c = _Translating(_C)
+
 _ENUMS = {
     "format": Format,
     "direction": ScaleDirection,
@@ -84,15 +108,12 @@ def _enum(kind: str, value: Any):
 
 
 def _as_u8(a: Any, name: str) -> np.ndarray:
-    """uint8 view of 1-byte scale arrays (uint8, or ml_dtypes float8_e4m3fn / float8_e8m0fnu)."""
+    """FP4 codes and block scales as arrays; the extension checks their dtype: uint8, or for block
+    scales the one ml_dtypes float8 type of the format (float8_e4m3fn for nvfp4, float8_e8m0fnu for
+    mxfp4), passed on as its bits. Any other dtype is an fp4moe.Error naming both."""
     if a is None:
         return None
-    a = np.asarray(a)
-    if a.dtype != np.uint8 and a.dtype.itemsize == 1 and a.dtype.name.startswith("float8"):
-        a = a.view(np.uint8)
-    if a.dtype != np.uint8:
-        raise Error(f"{name} must be uint8 (or an ml_dtypes float8 type), got {a.dtype}")
-    return a
+    return np.asarray(a)
 
 
 def _is_bf16(a: np.ndarray) -> bool:
@@ -114,7 +135,11 @@ def _per_expert(v: Any, name: str, experts: int) -> Optional[np.ndarray]:
     """A scalar or a sequence of per-expert float values -> float32 [experts]."""
     if v is None:
         return None
-    a = np.asarray(v, dtype=np.float32)
+    try:
+        a = np.asarray(v, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise Error(f"{name} must be a number or a sequence of {experts} numbers, got "
+                    f"{type(v).__name__} ({e})") from None
     if a.ndim == 0:
         a = np.full(experts, a, dtype=np.float32)
     if a.shape != (experts,):
@@ -193,27 +218,27 @@ def quantize_nvfp4(x: np.ndarray, global_scale: Optional[float] = None,
     "encode": value = e2m1 * s / g); None derives it from amax(|x|). The result stores the decode
     direction.
     """
-    return _C.quantize_nvfp4(x, global_scale, _enum("direction", direction))
+    return _c.quantize_nvfp4(x, global_scale, _enum("direction", direction))
 
 
 def quantize_mxfp4(x: np.ndarray) -> QuantizedMatrix:
     """MXFP4 (OCP MX v1.0) of float32 x [rows, cols], cols a multiple of 32."""
-    return _C.quantize_mxfp4(x)
+    return _c.quantize_mxfp4(x)
 
 
 def dequantize(m: QuantizedMatrix) -> np.ndarray:
     """float32 [rows, cols] values of an FP4 matrix."""
-    return _C.dequantize(m)
+    return _c.dequantize(m)
 
 
 def swizzle_scales(scales: np.ndarray) -> np.ndarray:
     """Linear block scales [rows, kcols] -> 1-D swizzled 128x4 stream (TRT-LLM / FlashInfer)."""
-    return _C.swizzle_scales(_as_u8(scales, "scales"))
+    return _c.swizzle_scales(_as_u8(scales, "scales"))
 
 
 def unswizzle_scales(scales: np.ndarray, rows: int, kcols: int) -> np.ndarray:
     """1-D swizzled 128x4 stream -> linear block scales uint8 [rows, kcols]."""
-    return _C.unswizzle_scales(_as_u8(scales, "scales"), rows, kcols)
+    return _c.unswizzle_scales(_as_u8(scales, "scales"), rows, kcols)
 
 
 # ---- weights and the CPU reference ---------------------------------------------------------------
@@ -239,7 +264,7 @@ def make_weights(problem: MoeProblem, *, up: np.ndarray, up_scales: np.ndarray, 
       input_scale13 / input_scale2: W4A4 activation scales (decode direction), scalar or [E]
     """
     E = problem.local_experts()
-    return _C.make_weights(
+    return _c.make_weights(
         problem, _as_u8(gate, "gate"), _as_u8(gate_scales, "gate_scales"), _as_u8(up, "up"),
         _as_u8(up_scales, "up_scales"), _as_u8(down, "down"), _as_u8(down_scales, "down_scales"),
         _per_expert(gate_global_scale, "gate_global_scale", E),
@@ -253,7 +278,7 @@ def make_weights(problem: MoeProblem, *, up: np.ndarray, up_scales: np.ndarray, 
 
 def random_weights(problem: MoeProblem, seed: int = 0) -> MoeWeights:
     """Random weights (N(0, 0.02)-like, quantized by the library) for tests and benchmarks."""
-    return _C.random_weights(problem, seed)
+    return _c.random_weights(problem, seed)
 
 
 @dataclasses.dataclass
@@ -277,7 +302,7 @@ def reference_forward(problem: MoeProblem, weights: MoeWeights, x: np.ndarray,
     Either logits [T, E] (float32, or bf16 as above) with the problem's routing, or topk_ids
     (int32 [T, k]) and topk_weights (float32 [T, k]). T comes from x; problem.tokens is ignored.
     """
-    d = _C.reference_forward(
+    d = _c.reference_forward(
         problem, weights, _bf16_or_f32(x, "x"),
         None if logits is None else _bf16_or_f32(logits, "logits"), router_bias, topk_ids,
         topk_weights, threads)
@@ -286,7 +311,7 @@ def reference_forward(problem: MoeProblem, weights: MoeWeights, x: np.ndarray,
 
 def route(problem: MoeProblem, logits: np.ndarray, router_bias: Optional[np.ndarray] = None):
     """Host routing: (topk_ids int32 [T, k], topk_weights float32 [T, k])."""
-    return _C.route(problem, _bf16_or_f32(logits, "logits"), router_bias)
+    return _c.route(problem, _bf16_or_f32(logits, "logits"), router_bias)
 
 
 # ---- GPU -----------------------------------------------------------------------------------------
@@ -294,33 +319,33 @@ def route(problem: MoeProblem, logits: np.ndarray, router_bias: Optional[np.ndar
 
 def gpu_available() -> bool:
     """True when a Hopper (sm_90) CUDA device is present."""
-    return _C.gpu_available()[0]
+    return _c.gpu_available()[0]
 
 
 def gpu_unavailable_reason() -> str:
     """Why gpu_available() is False ('' when it is True)."""
-    return _C.gpu_available()[1]
+    return _c.gpu_available()[1]
 
 
 def workspace_size(problem: MoeProblem) -> int:
     """Bytes of workspace a GPU call needs; independent of the token count."""
-    return _C.workspace_size(problem)
+    return _c.workspace_size(problem)
 
 
 def make_plan(problem: MoeProblem, device: int = 0) -> str:
     """The launch plan the GPU call would use on `device`, printed."""
-    return _C.make_plan(problem, device)
+    return _c.make_plan(problem, device)
 
 
 def prepack(problem: MoeProblem, weights: MoeWeights) -> PackedWeights:
     """Host weights -> the library's packed kernel layout (validates everything first)."""
-    return _C.prepack(problem, weights)
+    return _c.prepack(problem, weights)
 
 
 def upload(problem: MoeProblem, packed: PackedWeights, device: int = 0,
            stream: int = 0) -> DeviceWeights:
     """Copies packed weights to CUDA device `device` and waits for the copy (not capturable)."""
-    return _C.upload(problem, packed, device, stream)
+    return _c.upload(problem, packed, device, stream)
 
 
 def to_device(problem: MoeProblem, weights: MoeWeights, device: Any = 0) -> DeviceWeights:
@@ -329,13 +354,16 @@ def to_device(problem: MoeProblem, weights: MoeWeights, device: Any = 0) -> Devi
 
 
 def _device_index(device: Any) -> int:
-    if isinstance(device, int):
+    if isinstance(device, int) and not isinstance(device, bool):
         return device
     index = getattr(device, "index", None)
     if getattr(device, "type", None) == "cuda":
         return 0 if index is None else int(index)
     if isinstance(device, str) and device.startswith("cuda"):
-        return int(device.split(":")[1]) if ":" in device else 0
+        index = device.split(":", 1)[1] if ":" in device else "0"
+        if not index.isdigit():
+            raise Error(f"device must be 'cuda' or 'cuda:N' with N a device index, got {device!r}")
+        return int(index)
     raise Error(f"device must be a CUDA device index, 'cuda:N' or a torch.device, got {device!r}")
 
 
@@ -368,7 +396,7 @@ def moe_forward(weights: DeviceWeights, x: Any, router_logits: Any = None, *,
     if out is None or workspace is None or stream is None:
         raise Error("the DLPack path needs out (bf16 [T, H]), workspace (uint8, at least "
                     "workspace_size(problem) bytes) and stream (a cudaStream_t as int)")
-    _C.moe_forward_dlpack(weights, x, out, workspace, int(stream), router_logits, router_bias,
+    _c.moe_forward_dlpack(weights, x, out, workspace, stream, router_logits, router_bias,
                           topk_ids, topk_weights)
     return out
 
@@ -378,7 +406,7 @@ def moe_forward(weights: DeviceWeights, x: Any, router_logits: Any = None, *,
 
 def has_checkpoint_loader() -> bool:
     """Whether this build includes the checkpoint loader (fp4moe/checkpoint.h)."""
-    return _C.has_checkpoint_loader()
+    return _c.has_checkpoint_loader()
 
 
 @dataclasses.dataclass
@@ -398,7 +426,11 @@ def load_moe_layer(directory: Union[str, os.PathLike], layer: int, tokens: int =
     if not has_checkpoint_loader():
         raise Error("this build of fp4moe has no checkpoint loader (include/fp4moe/checkpoint.h "
                     "was absent when it was built)")
-    d = _C.load_moe_layer(os.fspath(directory), layer, tokens, _enum("input_mode", input_mode),
+    try:
+        directory = os.fspath(directory)
+    except TypeError:
+        raise Error(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}") from None
+    d = _c.load_moe_layer(directory, layer, tokens, _enum("input_mode", input_mode),
                           local_expert_offset, num_local_experts)
     return LoadedLayer(**d)
 

@@ -130,6 +130,9 @@ def validate(w: _Info, x: torch.Tensor, router_logits: Optional[torch.Tensor],
             raise Error("pass topk_ids and topk_weights together")
         if router_logits is not None:
             raise Error("pass either router_logits or topk_ids / topk_weights, not both")
+        if router_bias is not None:
+            raise Error("router_bias is used by the routing on router_logits; with topk_ids / "
+                        "topk_weights pass none")
         _check(topk_ids, "topk_ids", (torch.int32,), (T, w.top_k), dev)
         _check(topk_weights, "topk_weights", (torch.float32,), (T, w.top_k), dev)
     else:

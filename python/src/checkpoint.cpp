@@ -17,12 +17,16 @@ void bind_checkpoint(nb::module_& m) {
   m.def("has_checkpoint_loader", [] { return true; });
   m.def(
       "load_moe_layer",
-      [](const std::string& dir, int layer, int64_t tokens, InputMode input_mode,
-         int local_expert_offset, int num_local_experts) {
+      [](const std::string& dir, nb::handle layer_h, nb::handle tokens_h, InputMode input_mode,
+         nb::handle offset_h, nb::handle count_h) {
+        const int layer = to_int<int>(layer_h, "layer");
+        const int64_t tokens = to_int<int64_t>(tokens_h, "tokens");
+        FP4MOE_CHECK(layer >= 0, "layer must be >= 0, got " << layer);
+        FP4MOE_CHECK(tokens >= 0, "tokens must be >= 0, got " << tokens);
         LoadOptions opt;
         opt.input_mode = input_mode;
-        opt.local_expert_offset = local_expert_offset;
-        opt.num_local_experts = num_local_experts;
+        opt.local_expert_offset = to_int<int>(offset_h, "local_expert_offset");
+        opt.num_local_experts = to_int<int>(count_h, "num_local_experts");
         LoadedLayer l;
         {
           nb::gil_scoped_release nogil;

@@ -4,9 +4,13 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
+#include <optional>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -62,6 +66,8 @@ inline std::string shape_string(std::initializer_list<int64_t> shape) {
 
 template <class A>
 bool c_contiguous(const A& a) {
+  for (size_t i = 0; i < a.ndim(); ++i)
+    if (a.shape(i) == 0) return true;  // an empty array has no layout (exporters report any strides)
   int64_t expect = 1;
   for (size_t i = a.ndim(); i-- > 0;) {
     if (a.shape(i) != 1 && a.stride(i) != expect) return false;
@@ -106,6 +112,137 @@ template <class T>
 std::vector<T> to_vector(const Array& a, const char* name, std::initializer_list<int64_t> shape) {
   const T* p = host_data<T>(a, name, shape);
   return std::vector<T>(p, p + a.size());
+}
+
+// ---- arguments from arbitrary Python objects ------------------------------------------------------
+// The bindings take array and integer arguments as plain objects and convert them here, so that a
+// wrong type or an out-of-range value is an fp4moe.Error naming the argument, the expected and the
+// given value, never nanobind's "incompatible function arguments".
+
+// str(h) as a std::string ("" when str() itself fails).
+inline std::string py_str(nb::handle h) {
+  PyObject* s = PyObject_Str(h.ptr());
+  if (s == nullptr) {
+    PyErr_Clear();
+    return "";
+  }
+  const char* c = PyUnicode_AsUTF8(s);
+  std::string out = c != nullptr ? c : "";
+  if (c == nullptr) PyErr_Clear();
+  Py_DECREF(s);
+  return out;
+}
+
+// Python type name (or NumPy dtype) of an object, for messages.
+inline std::string describe(nb::handle h) {
+  std::string s = Py_TYPE(h.ptr())->tp_name;
+  if (PyLong_Check(h.ptr()) || PyFloat_Check(h.ptr()) || PyUnicode_Check(h.ptr())) {
+    PyObject* r = PyObject_Repr(h.ptr());
+    const char* c = r != nullptr ? PyUnicode_AsUTF8(r) : nullptr;
+    if (c != nullptr) s += std::string(" ") + (std::strlen(c) > 60 ? std::string(c, 60) + "..." : std::string(c));
+    if (c == nullptr) PyErr_Clear();
+    Py_XDECREF(r);
+  }
+  if (nb::hasattr(h, "dtype")) s += " of dtype " + py_str(nb::object(h.attr("dtype")));
+  return s;
+}
+
+// `h` as a read-only array (NumPy, DLPack or buffer protocol). `float8_ok` names the one ml_dtypes
+// type that is accepted as its bits (float8_e4m3fn for NVFP4 scales, float8_e8m0fnu for MXFP4
+// scales, as uint8; bfloat16 as uint16), or is null; any other ml_dtypes type is refused naming the
+// expected dtype.
+inline Array to_array(nb::handle h, const char* name, const char* float8_ok = nullptr) {
+  nb::object obj = nb::borrow(h);
+  if (nb::hasattr(obj, "dtype") && nb::hasattr(obj, "view")) {
+    const std::string dt = py_str(nb::object(obj.attr("dtype")));
+    // The ml_dtypes types (their buffers do not export through DLPack).
+    const bool ml = dt.rfind("float8_", 0) == 0 || dt.rfind("float4_", 0) == 0 ||
+                    dt.rfind("float6_", 0) == 0 || dt == "bfloat16" || dt == "int4" || dt == "uint4" ||
+                    dt == "int2" || dt == "uint2";
+    if (ml) {
+      FP4MOE_CHECK(float8_ok != nullptr && dt == float8_ok,
+                   name << " must have dtype uint8" << (float8_ok ? std::string(" or ") + float8_ok : std::string())
+                        << ", got " << dt);
+      obj = obj.attr("view")(nb::module_::import_("numpy").attr(dt == "bfloat16" ? "uint16" : "uint8"));
+    }
+  }
+  try {
+    return nb::cast<Array>(obj);
+  } catch (const nb::cast_error&) {
+    FP4MOE_FAIL(name << " must be an array (NumPy, DLPack or buffer protocol), got " << describe(h));
+  }
+}
+
+// `h` as a writable array (outputs, workspaces).
+inline MutArray to_mut_array(nb::handle h, const char* name) {
+  try {
+    return nb::cast<MutArray>(h);
+  } catch (const nb::cast_error&) {
+    FP4MOE_FAIL(name << " must be a writable array (DLPack), got " << describe(h));
+  }
+}
+
+inline std::optional<Array> to_opt_array(nb::handle h, const char* name, const char* float8_ok = nullptr) {
+  if (h.is_none()) return std::nullopt;
+  return to_array(h, name, float8_ok);
+}
+
+// `h` as an integer of type T (Python int or anything with __index__, e.g. numpy.int64; not bool).
+template <class T>
+T to_int(nb::handle h, const char* name) {
+  static_assert(std::is_integral_v<T>);
+  constexpr long long lo = std::is_signed_v<T> ? static_cast<long long>(std::numeric_limits<T>::min()) : 0;
+  const unsigned long long hi = static_cast<unsigned long long>(std::numeric_limits<T>::max());
+  const bool is_bool = PyBool_Check(h.ptr());
+  PyObject* idx = is_bool ? nullptr : PyNumber_Index(h.ptr());
+  if (idx == nullptr) {
+    PyErr_Clear();
+    FP4MOE_FAIL(name << " must be an integer in [" << lo << ", " << hi << "], got " << describe(h));
+  }
+  nb::object i = nb::steal(idx);
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  bool ok = overflow == 0 && v >= lo;
+  if (ok && v >= 0) ok = static_cast<unsigned long long>(v) <= hi;
+  if (!ok && overflow > 0 && hi > static_cast<unsigned long long>(std::numeric_limits<long long>::max())) {
+    const unsigned long long u = PyLong_AsUnsignedLongLong(i.ptr());
+    if (!PyErr_Occurred()) return static_cast<T>(u);
+    PyErr_Clear();
+  }
+  FP4MOE_CHECK(ok, name << " must be an integer in [" << lo << ", " << hi << "], got "
+                        << py_str(i));
+  return static_cast<T>(v);
+}
+
+// A finite float argument (float32 range).
+inline float to_float(nb::handle h, const char* name) {
+  const double d = PyFloat_AsDouble(h.ptr());
+  if (d == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    FP4MOE_FAIL(name << " must be a number, got " << describe(h));
+  }
+  FP4MOE_CHECK(!(std::isfinite(d) && std::fabs(d) > 3.4028234663852886e38),
+               name << " = " << d << " is outside the float32 range");
+  return static_cast<float>(d);
+}
+
+// `v` as a T: bool (True / False only), integers (checked range), floats (float32 range) and bound
+// classes / enums; anything else is an fp4moe.Error naming `label`, the expected and the given type.
+template <class T>
+T convert_field(nb::handle v, const char* label) {
+  if constexpr (std::is_same_v<T, bool>) {
+    FP4MOE_CHECK(PyBool_Check(v.ptr()), label << " must be True or False, got " << describe(v));
+    return v.ptr() == Py_True;
+  } else if constexpr (std::is_integral_v<T>) {
+    return to_int<T>(v, label);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return to_float(v, label);
+  } else {
+    T out{};
+    if (!nb::try_cast<T>(v, out))
+      FP4MOE_FAIL(label << " must be a " << nb::type_name(nb::type<T>()).c_str() << ", got " << describe(v));
+    return out;
+  }
 }
 
 // A NumPy array that owns a moved-in std::vector.

@@ -65,10 +65,16 @@ void bind_formats(nb::module_& m) {
                               "[rows, cols / block], global scale in the decode direction.")
       .def(
           "__init__",
-          [](QuantizedMatrix* self, const Array& data, const Array& scales, Format format,
-             float global_scale, ScaleDirection direction, ScaleLayout layout) {
-            new (self) QuantizedMatrix(
-                make_matrix(format, data, scales, global_scale, direction, layout, "matrix"));
+          [](QuantizedMatrix* self, nb::handle data, nb::handle scales, nb::handle format_h,
+             nb::handle global_scale, nb::handle direction_h, nb::handle layout_h) {
+            const auto format = convert_field<Format>(format_h, "format");
+            const auto direction = convert_field<ScaleDirection>(direction_h, "direction");
+            const auto layout = convert_field<ScaleLayout>(layout_h, "scale_layout");
+            const char* f8 = format == Format::nvfp4 ? "float8_e4m3fn" : "float8_e8m0fnu";
+            new (self) QuantizedMatrix(make_matrix(format, to_array(data, "matrix.data"),
+                                                   to_array(scales, "matrix.scales", f8),
+                                                   to_float(global_scale, "matrix.global_scale"),
+                                                   direction, layout, "matrix"));
           },
           nb::arg("data"), nb::arg("scales"), nb::arg("format") = Format::nvfp4,
           nb::arg("global_scale") = 1.0f, nb::arg("direction") = ScaleDirection::decode,
@@ -93,7 +99,9 @@ void bind_formats(nb::module_& m) {
             return to_numpy(q.scales, {size_t(q.rows), size_t(q.scale_cols())});
           },
           nb::rv_policy::move, "A copy of the linear block scales, uint8 [rows, cols / block].")
-      .def("element", &QuantizedMatrix::element, nb::arg("row"), nb::arg("col"))
+      .def("element", [](const QuantizedMatrix& q, nb::handle r, nb::handle c) {
+             return q.element(to_int<int64_t>(r, "row"), to_int<int64_t>(c, "col"));
+           }, nb::arg("row"), nb::arg("col"))
       .def("__repr__", [](const QuantizedMatrix& q) {
         return "QuantizedMatrix(" + std::string(to_string(q.format)) + ", rows=" +
                std::to_string(q.rows) + ", cols=" + std::to_string(q.cols) +
@@ -102,7 +110,10 @@ void bind_formats(nb::module_& m) {
 
   m.def(
       "quantize_nvfp4",
-      [](const Array& x, std::optional<float> global_scale, ScaleDirection direction) {
+      [](nb::handle xh, nb::handle gh, ScaleDirection direction) {
+        const Array x = to_array(xh, "x");
+        std::optional<float> global_scale;
+        if (!gh.is_none()) global_scale = to_float(gh, "global_scale");
         FP4MOE_CHECK(x.ndim() == 2, "x must be a 2-D float32 array [rows, cols], got "
                                         << x.ndim() << " dimensions");
         const float* p = host_data<float>(x, "x", {-1, -1});
@@ -113,20 +124,22 @@ void bind_formats(nb::module_& m) {
         } else {
           float amax = 0.0f;
           for (size_t i = 0; i < x.size(); ++i) amax = std::max(amax, std::fabs(p[i]));
-          g = nvfp4_global_scale(amax);
+          // A non-finite x has no amax: quantize with 1 so the quantizer names the element.
+          g = std::isfinite(amax) ? nvfp4_global_scale(amax) : 1.0f;
           direction = ScaleDirection::decode;
         }
         nb::gil_scoped_release nogil;
         return quantize_nvfp4(p, rows, cols, g, direction);
       },
-      nb::arg("x"), nb::arg("global_scale") = nb::none(),
+      nb::arg("x"), nb::arg("global_scale").none() = nb::none(),
       nb::arg("direction") = ScaleDirection::decode,
       "NVFP4 with the ModelOpt recipe. x: float32 [rows, cols], cols a multiple of 16. "
       "global_scale is read in `direction`; None derives it from amax(|x|) / (6 * 448).");
 
   m.def(
       "quantize_mxfp4",
-      [](const Array& x) {
+      [](nb::handle xh) {
+        const Array x = to_array(xh, "x");
         FP4MOE_CHECK(x.ndim() == 2, "x must be a 2-D float32 array [rows, cols], got "
                                         << x.ndim() << " dimensions");
         const float* p = host_data<float>(x, "x", {-1, -1});
@@ -148,14 +161,18 @@ void bind_formats(nb::module_& m) {
       },
       nb::arg("m"), "float32 [rows, cols] values of an FP4 matrix.");
 
-  m.def("nvfp4_global_scale", &nvfp4_global_scale, nb::arg("amax"),
+  m.def("nvfp4_global_scale", [](nb::handle a) { return nvfp4_global_scale(to_float(a, "amax")); },
+        nb::arg("amax"),
         "Decode-direction NVFP4 global scale for a tensor of largest magnitude amax.");
-  m.def("convert_global_scale", &convert_global_scale, nb::arg("g"), nb::arg("source"),
+  m.def("convert_global_scale", [](nb::handle g, ScaleDirection a, ScaleDirection b) {
+          return convert_global_scale(to_float(g, "g"), a, b);
+        }, nb::arg("g"), nb::arg("source"),
         nb::arg("target"), "Converts a global scale between directions (the reciprocal).");
 
   m.def(
       "swizzle_scales",
-      [](const Array& linear) {
+      [](nb::handle h) {
+        const Array linear = to_array(h, "scales", "float8_e4m3fn");
         FP4MOE_CHECK(linear.ndim() == 2, "scales must be a 2-D uint8 array [rows, kcols], got "
                                              << linear.ndim() << " dimensions");
         const uint8_t* p = host_data<uint8_t>(linear, "scales", {-1, -1});
@@ -169,15 +186,20 @@ void bind_formats(nb::module_& m) {
       "to 128, columns to 4; padding is 0).");
   m.def(
       "unswizzle_scales",
-      [](const Array& swizzled, int64_t rows, int64_t kcols) {
-        FP4MOE_CHECK(rows >= 0 && kcols >= 0, "rows and kcols must be non-negative");
+      [](nb::handle h, nb::handle rows_h, nb::handle kcols_h) {
+        const Array swizzled = to_array(h, "scales", "float8_e4m3fn");
+        const int64_t rows = to_int<int64_t>(rows_h, "rows"), kcols = to_int<int64_t>(kcols_h, "kcols");
+        FP4MOE_CHECK(rows >= 0 && kcols >= 0, "rows and kcols must be non-negative, got rows = "
+                                                  << rows << ", kcols = " << kcols);
         const uint8_t* p = host_data<uint8_t>(swizzled, "scales", {-1});
         auto out = unswizzle_scales_128x4(std::span<const uint8_t>(p, swizzled.size()), rows, kcols);
         return to_numpy(std::move(out), {size_t(rows), size_t(kcols)});
       },
       nb::arg("scales"), nb::arg("rows"), nb::arg("kcols"),
       "The swizzled 128x4 byte stream -> linear uint8 [rows, kcols].");
-  m.def("swizzled_size", &swizzled_128x4_size, nb::arg("rows"), nb::arg("kcols"),
+  m.def("swizzled_size", [](nb::handle rows, nb::handle kcols) {
+          return swizzled_128x4_size(to_int<int64_t>(rows, "rows"), to_int<int64_t>(kcols, "kcols"));
+        }, nb::arg("rows"), nb::arg("kcols"),
         "Padded byte count of the swizzled 128x4 layout.");
 }
 

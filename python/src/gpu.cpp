@@ -70,8 +70,10 @@ struct GpuWeights {
   }
 };
 
-std::unique_ptr<GpuWeights> upload(const MoeProblem& p, const PackedWeights& packed, int device,
-                                   uintptr_t stream) {
+std::unique_ptr<GpuWeights> upload(const MoeProblem& p, const PackedWeights& packed, nb::handle device_h,
+                                   nb::handle stream_h) {
+  const int device = to_int<int>(device_h, "device");
+  const uintptr_t stream = to_int<uintptr_t>(stream_h, "stream");
   std::string why;
   FP4MOE_CHECK(gpu_available(&why), "cannot upload weights: " << why);
   int count = 0;
@@ -114,10 +116,17 @@ void check_device(const A& a, const char* name, const GpuWeights& g) {
 }
 
 // Forward from DLPack arrays. Checks everything against the weights' problem before launching.
-void forward_dlpack(const GpuWeights& g, const Array& x, MutArray& out, MutArray& workspace,
-                    uintptr_t stream, const std::optional<Array>& logits,
-                    const std::optional<Array>& router_bias, const std::optional<Array>& topk_ids,
-                    const std::optional<Array>& topk_weights) {
+void forward_dlpack(const GpuWeights& g, nb::handle x_h, nb::handle out_h, nb::handle workspace_h,
+                    nb::handle stream_h, nb::handle logits_h, nb::handle router_bias_h,
+                    nb::handle topk_ids_h, nb::handle topk_weights_h) {
+  const Array x = to_array(x_h, "x");
+  MutArray out = to_mut_array(out_h, "out");
+  MutArray workspace = to_mut_array(workspace_h, "workspace");
+  const uintptr_t stream = to_int<uintptr_t>(stream_h, "stream");
+  const std::optional<Array> logits = to_opt_array(logits_h, "logits");
+  const std::optional<Array> router_bias = to_opt_array(router_bias_h, "router_bias");
+  const std::optional<Array> topk_ids = to_opt_array(topk_ids_h, "topk_ids");
+  const std::optional<Array> topk_weights = to_opt_array(topk_weights_h, "topk_weights");
   const DeviceWeights& w = g.get();
   const MoeProblem& base = g.problem;
   FP4MOE_CHECK(x.ndim() == 2, "x must be 2-D [tokens, " << base.hidden << "], got " << x.ndim()
@@ -135,6 +144,8 @@ void forward_dlpack(const GpuWeights& g, const Array& x, MutArray& out, MutArray
   if (pre) {
     FP4MOE_CHECK(topk_ids && topk_weights, "pass topk_ids and topk_weights together");
     FP4MOE_CHECK(!logits, "pass either router logits or topk_ids / topk_weights, not both");
+    FP4MOE_CHECK(!router_bias, "router_bias is used by the routing on logits; with topk_ids / "
+                               "topk_weights pass none");
     check_array(*topk_ids, "topk_ids", dtype_of<int32_t>(), {T, k}, Where::cuda);
     check_array(*topk_weights, "topk_weights", dtype_of<float>(), {T, k}, Where::cuda);
     check_device(*topk_ids, "topk_ids", g);
@@ -291,7 +302,14 @@ void bind_gpu(nb::module_& m) {
 
   m.def(
       "make_plan",
-      [](const MoeProblem& p, int device) {
+      [](const MoeProblem& p, nb::handle device_h) {
+        const int device = to_int<int>(device_h, "device");
+        std::string why;
+        FP4MOE_CHECK(gpu_available(&why), "make_plan needs the GPU: " << why);
+        int count = 0;
+        PY_CUDA_CHECK(cudaGetDeviceCount(&count));
+        FP4MOE_CHECK(device >= 0 && device < count,
+                     "device " << device << " does not exist (" << count << " CUDA devices)");
         DeviceScope scope(device);
         return make_plan(p).to_string();
       },

@@ -27,6 +27,16 @@ void enum_from_string(nb::enum_<E>& e, Parse parse) {
                 "The name the library prints and parses.");
 }
 
+// Field setters that convert through the checked helpers of common.h (convert_field): an
+// out-of-range int or a wrong type is an fp4moe.Error naming "Class.field", the expected and the
+// given value.
+template <class C, class T>
+void def_field(nb::class_<C>& cls, const char* name, T C::*member, const char* label) {
+  cls.def_prop_rw(
+      name, [member](const C& c) { return c.*member; },
+      [member, label](C& c, nb::handle v) { c.*member = convert_field<T>(v, label); });
+}
+
 }  // namespace
 
 void bind_types(nb::module_& m) {
@@ -67,40 +77,41 @@ void bind_types(nb::module_& m) {
   dt.value("f32", DType::f32).value("bf16", DType::bf16);
   enum_from_string(dt, [](std::string_view s) { return parse_dtype(s); });
 
-  nb::class_<RoutingConfig>(m, "RoutingConfig")
-      .def(nb::init<>())
-      .def_rw("method", &RoutingConfig::method)
-      .def_rw("renormalize", &RoutingConfig::renormalize)
-      .def_rw("n_group", &RoutingConfig::n_group)
-      .def_rw("topk_group", &RoutingConfig::topk_group)
-      .def_rw("routed_scaling_factor", &RoutingConfig::routed_scaling_factor)
-      .def_rw("has_bias", &RoutingConfig::has_bias)
-      .def_rw("logits_dtype", &RoutingConfig::logits_dtype);
+  nb::class_<RoutingConfig> rc(m, "RoutingConfig");
+  rc.def(nb::init<>());
+  def_field(rc, "method", &RoutingConfig::method, "RoutingConfig.method");
+  def_field(rc, "renormalize", &RoutingConfig::renormalize, "RoutingConfig.renormalize");
+  def_field(rc, "n_group", &RoutingConfig::n_group, "RoutingConfig.n_group");
+  def_field(rc, "topk_group", &RoutingConfig::topk_group, "RoutingConfig.topk_group");
+  def_field(rc, "routed_scaling_factor", &RoutingConfig::routed_scaling_factor,
+            "RoutingConfig.routed_scaling_factor");
+  def_field(rc, "has_bias", &RoutingConfig::has_bias, "RoutingConfig.has_bias");
+  def_field(rc, "logits_dtype", &RoutingConfig::logits_dtype, "RoutingConfig.logits_dtype");
 
-  nb::class_<ActivationConfig>(m, "ActivationConfig")
-      .def(nb::init<>())
-      .def_rw("kind", &ActivationConfig::kind)
-      .def_rw("alpha", &ActivationConfig::alpha)
-      .def_rw("limit", &ActivationConfig::limit);
+  nb::class_<ActivationConfig> ac(m, "ActivationConfig");
+  ac.def(nb::init<>());
+  def_field(ac, "kind", &ActivationConfig::kind, "ActivationConfig.kind");
+  def_field(ac, "alpha", &ActivationConfig::alpha, "ActivationConfig.alpha");
+  def_field(ac, "limit", &ActivationConfig::limit, "ActivationConfig.limit");
 
-  nb::class_<MoeProblem>(m, "MoeProblem",
-                         "What one MoE layer call computes (SPEC \"The layer\"). Fields are plain "
-                         "attributes; validate() checks their consistency.")
-      .def(nb::init<>())
+  nb::class_<MoeProblem> mp(m, "MoeProblem",
+                            "What one MoE layer call computes (SPEC \"The layer\"). Fields are plain "
+                            "attributes; validate() checks their consistency.");
+  def_field(mp, "tokens", &MoeProblem::tokens, "MoeProblem.tokens");
+  def_field(mp, "hidden", &MoeProblem::hidden, "MoeProblem.hidden");
+  def_field(mp, "intermediate", &MoeProblem::intermediate, "MoeProblem.intermediate");
+  def_field(mp, "num_experts", &MoeProblem::num_experts, "MoeProblem.num_experts");
+  def_field(mp, "top_k", &MoeProblem::top_k, "MoeProblem.top_k");
+  def_field(mp, "local_expert_offset", &MoeProblem::local_expert_offset, "MoeProblem.local_expert_offset");
+  def_field(mp, "num_local_experts", &MoeProblem::num_local_experts, "MoeProblem.num_local_experts");
+  def_field(mp, "format", &MoeProblem::format, "MoeProblem.format");
+  def_field(mp, "input_mode", &MoeProblem::input_mode, "MoeProblem.input_mode");
+  def_field(mp, "has_bias", &MoeProblem::has_bias, "MoeProblem.has_bias");
+  mp.def(nb::init<>())
       .def("__copy__", [](const MoeProblem& p) { return MoeProblem(p); })
       .def("copy", [](const MoeProblem& p) { return MoeProblem(p); }, "An independent copy.")
-      .def_rw("tokens", &MoeProblem::tokens)
-      .def_rw("hidden", &MoeProblem::hidden)
-      .def_rw("intermediate", &MoeProblem::intermediate)
-      .def_rw("num_experts", &MoeProblem::num_experts)
-      .def_rw("top_k", &MoeProblem::top_k)
-      .def_rw("local_expert_offset", &MoeProblem::local_expert_offset)
-      .def_rw("num_local_experts", &MoeProblem::num_local_experts)
-      .def_rw("format", &MoeProblem::format)
-      .def_rw("input_mode", &MoeProblem::input_mode)
       .def_rw("activation", &MoeProblem::activation)
       .def_rw("routing", &MoeProblem::routing)
-      .def_rw("has_bias", &MoeProblem::has_bias)
       .def("local_experts", &MoeProblem::local_experts, "Experts this layer holds.")
       .def("gated", &MoeProblem::gated)
       .def("w13_rows", &MoeProblem::w13_rows)
@@ -119,7 +130,9 @@ void bind_types(nb::module_& m) {
       .def_ro("format", &Preset::format)
       .def_ro("has_bias", &Preset::has_bias)
       .def_prop_ro("notes", [](const Preset& p) { return std::string(p.notes); })
-      .def("problem", &Preset::problem, nb::arg("tokens"),
+      .def("problem", [](const Preset& p, nb::handle tokens) {
+             return p.problem(to_int<int64_t>(tokens, "tokens"));
+           }, nb::arg("tokens"),
            "A problem for `tokens` tokens with this preset's shapes, routing and activation.")
       .def("__repr__", [](const Preset& p) { return "Preset(" + std::string(p.name) + ")"; });
 

@@ -46,6 +46,38 @@ MoeWeights weights_from_arrays(const MoeProblem& p, const OptArray& gate, const 
                                const OptArray& gate_bias, const OptArray& up_bias,
                                const OptArray& down_bias, const OptArray& input_scale13,
                                const OptArray& input_scale2, ScaleDirection direction,
+                               ScaleLayout layout);
+
+// make_weights from arbitrary objects: scales in uint8 or the format's own ml_dtypes float8 type,
+// everything else in the dtype the table of docs/python.md gives.
+MoeWeights weights_from_objects(const MoeProblem& p, nb::handle gate, nb::handle gate_scales,
+                                nb::handle up, nb::handle up_scales, nb::handle down,
+                                nb::handle down_scales, nb::handle gate_global, nb::handle up_global,
+                                nb::handle down_global, nb::handle gate_bias, nb::handle up_bias,
+                                nb::handle down_bias, nb::handle input_scale13,
+                                nb::handle input_scale2, ScaleDirection direction,
+                                ScaleLayout layout) {
+  p.validate();
+  const char* f8 = p.format == Format::nvfp4 ? "float8_e4m3fn" : "float8_e8m0fnu";
+  MoeWeights w = weights_from_arrays(
+      p, to_opt_array(gate, "gate"), to_opt_array(gate_scales, "gate_scales", f8), to_array(up, "up"),
+      to_array(up_scales, "up_scales", f8), to_array(down, "down"),
+      to_array(down_scales, "down_scales", f8), to_opt_array(gate_global, "gate_global_scale"),
+      to_opt_array(up_global, "up_global_scale"), to_opt_array(down_global, "down_global_scale"),
+      to_opt_array(gate_bias, "gate_bias"), to_opt_array(up_bias, "up_bias"),
+      to_opt_array(down_bias, "down_bias"), to_opt_array(input_scale13, "input_scale13"),
+      to_opt_array(input_scale2, "input_scale2"), direction, layout);
+  check_block_scales(p, w);  // SPEC: NaN block scales are refused when weights are made
+  return w;
+}
+
+MoeWeights weights_from_arrays(const MoeProblem& p, const OptArray& gate, const OptArray& gate_scales,
+                               const Array& up, const Array& up_scales, const Array& down,
+                               const Array& down_scales, const OptArray& gate_global,
+                               const OptArray& up_global, const OptArray& down_global,
+                               const OptArray& gate_bias, const OptArray& up_bias,
+                               const OptArray& down_bias, const OptArray& input_scale13,
+                               const OptArray& input_scale2, ScaleDirection direction,
                                ScaleLayout layout) {
   p.validate();
   const int64_t E = p.local_experts(), H = p.hidden, I = p.intermediate;
@@ -184,6 +216,8 @@ HostCall host_call(const MoeProblem& problem, const std::optional<Array>& x, int
   if (topk_ids || topk_weights) {
     FP4MOE_CHECK(topk_ids && topk_weights, "pass topk_ids and topk_weights together");
     FP4MOE_CHECK(!logits, "pass either router logits or topk_ids / topk_weights, not both");
+    FP4MOE_CHECK(!router_bias, "router_bias is used by the routing on logits; with topk_ids / "
+                               "topk_weights pass none");
     c.p = c.p.with_precomputed_routing();
     c.ids = to_vector<int32_t>(*topk_ids, "topk_ids", {T, k});
     c.weights = to_vector<float>(*topk_weights, "topk_weights", {T, k});
@@ -213,10 +247,15 @@ HostCall host_call(const MoeProblem& problem, const std::optional<Array>& x, int
   return c;
 }
 
-nb::dict reference_forward(const MoeProblem& problem, const MoeWeights& w, const Array& x,
-                           const OptArray& logits, const OptArray& router_bias,
-                           const OptArray& topk_ids, const OptArray& topk_weights, int threads) {
-  HostCall c = host_call(problem, x, 0, logits, router_bias, topk_ids, topk_weights);
+nb::dict reference_forward(const MoeProblem& problem, const MoeWeights& w, nb::handle x_h,
+                           nb::handle logits_h, nb::handle router_bias_h, nb::handle topk_ids_h,
+                           nb::handle topk_weights_h, nb::handle threads_h) {
+  const int threads = to_int<int>(threads_h, "threads");
+  FP4MOE_CHECK(threads >= 0, "threads must be >= 0 (0: all cores), got " << threads);
+  HostCall c = host_call(problem, to_array(x_h, "x", "bfloat16"), 0,
+                         to_opt_array(logits_h, "logits", "bfloat16"),
+                         to_opt_array(router_bias_h, "router_bias"), to_opt_array(topk_ids_h, "topk_ids"),
+                         to_opt_array(topk_weights_h, "topk_weights"));
   ReferenceResult r;
   {
     nb::gil_scoped_release nogil;
@@ -255,7 +294,8 @@ void bind_weights(nb::module_& m) {
       .def_prop_ro("num_experts", [](const MoeWeights& w) { return w.experts.size(); })
       .def(
           "expert",
-          [](const MoeWeights& w, int64_t e) -> const ExpertWeights& {
+          [](const MoeWeights& w, nb::handle e_h) -> const ExpertWeights& {
+            const int64_t e = to_int<int64_t>(e_h, "e");
             FP4MOE_CHECK(e >= 0 && e < int64_t(w.experts.size()),
                          "expert " << e << " is out of range [0, " << w.experts.size() << ")");
             return w.experts[size_t(e)];
@@ -268,7 +308,7 @@ void bind_weights(nb::module_& m) {
                ", intermediate=" + std::to_string(w.intermediate) + ")";
       });
 
-  m.def("make_weights", &weights_from_arrays, nb::arg("problem"), nb::arg("gate").none(),
+  m.def("make_weights", &weights_from_objects, nb::arg("problem"), nb::arg("gate").none(),
         nb::arg("gate_scales").none(), nb::arg("up"), nb::arg("up_scales"), nb::arg("down"),
         nb::arg("down_scales"), nb::arg("gate_global_scale").none(),
         nb::arg("up_global_scale").none(), nb::arg("down_global_scale").none(),
@@ -278,7 +318,8 @@ void bind_weights(nb::module_& m) {
 
   m.def(
       "random_weights",
-      [](const MoeProblem& p, uint64_t seed) {
+      [](const MoeProblem& p, nb::handle seed_h) {
+        const uint64_t seed = to_int<uint64_t>(seed_h, "seed");
         nb::gil_scoped_release nogil;
         return random_weights(p, seed);
       },
@@ -294,7 +335,9 @@ void bind_weights(nb::module_& m) {
 
   m.def(
       "route",
-      [](const MoeProblem& problem, const Array& logits, const OptArray& router_bias) {
+      [](const MoeProblem& problem, nb::handle logits_h, nb::handle router_bias_h) {
+        const Array logits = to_array(logits_h, "logits", "bfloat16");
+        const OptArray router_bias = to_opt_array(router_bias_h, "router_bias");
         FP4MOE_CHECK(logits.ndim() == 2, "logits must be 2-D [tokens, " << problem.num_experts
                                                                         << "], got " << logits.ndim()
                                                                         << " dimensions");

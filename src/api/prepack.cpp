@@ -10,6 +10,7 @@
 #include "fp4moe/error.h"
 #include "fp4moe/formats.h"
 #include "fp4moe/moe.h"
+#include "fp4moe/weights.h"
 #include "reference/parallel.h"
 
 namespace fp4moe {
@@ -23,20 +24,14 @@ const char* matrix_name(int kind) {
   }
 }
 
-namespace {
-std::string hex2(uint8_t v) {
-  const char* d = "0123456789ABCDEF";
-  return std::string("0x") + d[v >> 4] + d[v & 15];
-}
-}  // namespace
-
 int check_scales(Format f, const ScaleStats& s, int expert, int kind, int64_t blocks_per_row) {
   if (s.first_nan >= 0) {
-    FP4MOE_FAIL("expert " << expert << " " << matrix_name(kind) << " row " << s.first_nan / blocks_per_row
-                          << " block " << s.first_nan % blocks_per_row << ": "
-                          << (f == Format::nvfp4 ? "NVFP4 block scale is NaN (E4M3 code "
-                                                 : "MXFP4 block scale is NaN (E8M0 code ")
-                          << hex2(s.nan_code) << "); the weights are damaged");
+    // The words of check_block_scales (src/reference/weights.cpp), which the host path runs first.
+    const int64_t r = s.first_nan / blocks_per_row, b = s.first_nan % blocks_per_row, blk = block_size(f);
+    FP4MOE_FAIL("expert " << expert << " " << matrix_name(kind) << ": block scale of row " << r << ", block " << b
+                          << " (columns " << b * blk << ".." << (b + 1) * blk - 1 << ") is NaN ("
+                          << (f == Format::nvfp4 ? "E4M3" : "E8M0") << " code " << detail::hex_byte(s.nan_code)
+                          << "); NaN block scales are not accepted");
   }
   if (f == Format::nvfp4) return 0;
   const int offset = mxfp4_offset(s.max_code);
@@ -155,11 +150,13 @@ void pack_matrix(int m_tiles, int k_tiles, int64_t K, Format fmt, RowOf row_of, 
 
 PackedWeights prepack(const MoeProblem& p, const MoeWeights& w) {
   p.validate();
-  validate(p, w);
+  check_block_scales(p, w);  // validate() and no NaN block scale, named by expert, row and block
   PackedWeights out;
   const int E = p.local_experts();
   const PackedLayout L =
       PackedLayout::make(p.hidden, p.intermediate, E, p.format, p.gated(), p.has_bias);
+  detail::check_host_bytes(L.total_bytes, "prepack (the packed layer)");
+  detail::check_host_bytes(L.total_bytes, "prepack (the packed layer)");
   out.layout = L;
   const int I = p.intermediate, H = p.hidden;
 

@@ -53,7 +53,7 @@ int map_codec(const In* in, size_t n, Out* out, Codec codec, const char* fn) {
 int64_t element_count(int64_t rows, int64_t cols, const char* fn) {
   FP4MOE_CHECK(rows >= 0 && cols >= 0,
                fn << " needs a non-negative shape, got [" << rows << ", " << cols << "].");
-  return rows * cols;
+  return fp4moe::detail::checked_mul(rows, cols, fn);
 }
 
 fp4moe::ScaleDirection to_direction(int d) {

@@ -1,4 +1,5 @@
 // Layer loaders for the supported checkpoint formats, inspect_checkpoint and router logits.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <set>
@@ -21,6 +22,8 @@ std::string_view to_string(CheckpointFormat f) {
 }
 
 namespace {
+
+constexpr size_t kMaxListedMissing = 64;
 
 using st::Dtype;
 using Ref = st::Checkpoint::Ref;
@@ -94,18 +97,29 @@ std::string layer_list(const std::map<int, ckpt::LayerTensors>& layers) {
   return first ? std::string("none") : o.str();
 }
 
-// Suspicious block scales: NaN codes (and negative E4M3 scales, which flip signs).
-void scan_scales(const QuantizedMatrix& m, const std::string& what, std::vector<std::string>& warnings) {
-  int64_t nan = 0, negative = 0;
-  for (uint8_t s : m.scales) {
-    if (m.format == Format::nvfp4) {
-      nan += (s & 0x7F) == 0x7F;
-      negative += (s & 0x80) != 0 && (s & 0x7F) != 0x7F;
-    } else {
-      nan += s == 0xFF;
+// NaN block scales are refused (SPEC "Non-finite inputs"), naming the file, tensor, expert, row
+// and block; negative E4M3 scales (which flip signs) only warn. A row r of `m` is row
+// r * row_stride + row_offset of the tensor (gpt-oss interleaves gate and up).
+void check_scales(const QuantizedMatrix& m, const Ref& r, const std::string& what, int64_t row_stride,
+                  int64_t row_offset, std::vector<std::string>& warnings) {
+  const int64_t kcols = m.scale_cols();
+  int64_t negative = 0;
+  for (size_t i = 0; i < m.scales.size(); ++i) {
+    const uint8_t s = m.scales[i];
+    const bool nan = m.format == Format::nvfp4 ? (s & 0x7F) == 0x7F : s == 0xFF;
+    if (nan) {
+      const int64_t row = int64_t(i) / kcols, block = int64_t(i) % kcols;
+      const bool fused = row_stride != 1 || row_offset != 0;
+      FP4MOE_FAIL(r.file->path() << ": tensor '" << r.info->name << "'"
+                                 << (fused ? " (" + what + ")" : std::string()) << ": block scale of row "
+                                 << row << ", block " << block
+                                 << (fused ? " (tensor row " + std::to_string(row * row_stride + row_offset) + ")"
+                                           : std::string())
+                                 << " is NaN (" << (m.format == Format::nvfp4 ? "E4M3" : "E8M0") << " code "
+                                 << detail::hex_byte(s) << "); the export is damaged");
     }
+    negative += m.format == Format::nvfp4 && (s & 0x80) != 0;
   }
-  if (nan) warnings.push_back(what + ": " + std::to_string(nan) + " NaN block scales");
   if (negative) warnings.push_back(what + ": " + std::to_string(negative) + " negative block scales");
 }
 
@@ -142,7 +156,7 @@ struct Loader {
                            << "' is missing (a weight-only export); load with w4a16");
       *input_scale = 1.0f;
     }
-    scan_scales(m, base + "weight_scale", out.warnings);
+    check_scales(m, s, base + "weight_scale", 1, 0, out.warnings);
     return m;
   }
 
@@ -237,9 +251,9 @@ struct Loader {
       std::memcpy(x.down.scales.data(), &d_scales[e * dsn], dsn);
       x.down_bias.assign(d_bias.begin() + e * H, d_bias.begin() + (e + 1) * H);
       const std::string what = base + std::to_string(e);
-      scan_scales(x.gate, what + " gate (gate_up_proj_scales)", out.warnings);
-      scan_scales(x.up, what + " up (gate_up_proj_scales)", out.warnings);
-      scan_scales(x.down, what + " (down_proj_scales)", out.warnings);
+      check_scales(x.gate, gus, "expert " + std::to_string(e) + " gate", 2, e * 2 * I, out.warnings);
+      check_scales(x.up, gus, "expert " + std::to_string(e) + " up", 2, e * 2 * I + 1, out.warnings);
+      check_scales(x.down, ds, "expert " + std::to_string(e) + " down", 1, e * H, out.warnings);
       out.weights.experts.push_back(std::move(x));
     }
   }
@@ -302,14 +316,32 @@ CheckpointInfo inspect_checkpoint(const std::string& dir) {
     CheckpointLayer cl;
     cl.layer = l;
     cl.prefix = t.prefix;
+    // Missing experts: the count is exact, the list keeps the first kMaxListedMissing (config.json
+    // may claim any number of experts; memory follows what the files hold, not the claim).
     if (t.fused) {
       const Ref r = c.find(t.prefix + "experts.gate_up_proj_blocks");
-      cl.experts_found = r && !r.info->shape.empty() ? static_cast<int>(r.info->shape[0]) : 0;
-      for (int e = cl.experts_found; e < spec.num_experts; ++e) cl.missing_experts.push_back(e);
+      const int64_t stored = r && !r.info->shape.empty() ? r.info->shape[0] : 0;
+      cl.experts_found = static_cast<int>(std::min<int64_t>(stored, spec.num_experts));
+      cl.missing_count = spec.num_experts - cl.experts_found;
+      for (int e = cl.experts_found; e < spec.num_experts && cl.missing_experts.size() < kMaxListedMissing; ++e)
+        cl.missing_experts.push_back(e);
     } else {
       cl.experts_found = static_cast<int>(t.experts.size());
-      for (int e = 0; e < spec.num_experts; ++e)
-        if (!t.experts.count(e)) cl.missing_experts.push_back(e);
+      // The gaps between the experts present, in order, instead of every index of [0, E).
+      int64_t present = 0;
+      int next = 0;
+      auto list_gap = [&](int end) {
+        for (int m = next; m < end && cl.missing_experts.size() < kMaxListedMissing; ++m)
+          cl.missing_experts.push_back(m);
+      };
+      for (const auto& [e, n] : t.experts) {
+        if (e >= spec.num_experts) break;
+        list_gap(e);
+        ++present;
+        next = e + 1;
+      }
+      list_gap(spec.num_experts);
+      cl.missing_count = spec.num_experts - present;
       std::map<int, int> counts;  // tensors per expert -> experts with that many
       for (const auto& [e, n] : t.experts) ++counts[n];
       int usual = 0, most = 0;
@@ -326,9 +358,9 @@ CheckpointInfo inspect_checkpoint(const std::string& dir) {
                                   std::to_string(usual));
       }
     }
-    if (!cl.missing_experts.empty())
+    if (cl.missing_count > 0)
       info.warnings.push_back("layer " + std::to_string(l) + ": " +
-                              std::to_string(cl.missing_experts.size()) + " of " +
+                              std::to_string(cl.missing_count) + " of " +
                               std::to_string(spec.num_experts) + " experts missing (first: " +
                               std::to_string(cl.missing_experts.front()) + ")");
     info.moe_layers.push_back(std::move(cl));
@@ -358,9 +390,16 @@ LoadedLayer load_moe_layer(const std::string& dir, int layer, int64_t tokens,
                                        << layer_list(layers) << ")");
   const int E = spec.num_experts;
   const int first = options.local_expert_offset;
-  const int count = options.num_local_experts > 0 ? options.num_local_experts : E - first;
-  FP4MOE_CHECK(first >= 0 && count > 0 && first + count <= E,
-               "local experts [" << first << ", " << first + count << ") are outside the "
+  FP4MOE_CHECK(options.num_local_experts >= 0,
+               "LoadOptions.num_local_experts must be >= 0 (0 loads all experts), got "
+                   << options.num_local_experts);
+  FP4MOE_CHECK(first >= 0 && first < E, "LoadOptions.local_expert_offset = "
+                                            << first << " must be in [0, " << E
+                                            << "), the experts of " << dir);
+  // 64-bit: an end past INT_MAX is reported as a range, never wrapped into a tensor lookup.
+  const int64_t count = options.num_local_experts > 0 ? options.num_local_experts : int64_t{E} - first;
+  FP4MOE_CHECK(int64_t{first} + count <= E,
+               "local experts [" << first << ", " << int64_t{first} + count << ") are outside the "
                                  << E << " experts of " << dir);
 
   LoadedLayer out;
@@ -381,15 +420,17 @@ LoadedLayer load_moe_layer(const std::string& dir, int layer, int64_t tokens,
   out.weights.format = p.format;
   out.weights.hidden = p.hidden;
   out.weights.intermediate = p.intermediate;
+  // Sizes, ranges and routing from config.json are checked before any tensor is read.
+  p.validate();
 
   Loader loader{c, spec, options, out, it->second.prefix};
   if (spec.format == CheckpointFormat::gpt_oss_mxfp4) {
     FP4MOE_CHECK(it->second.fused, dir << ": layer " << layer << " of an mxfp4 checkpoint has no '"
                                        << it->second.prefix
                                        << "experts.gate_up_proj_blocks' (the gpt-oss layout)");
-    loader.gpt_oss(first, count);
+    loader.gpt_oss(first, static_cast<int>(count));
   } else {
-    loader.per_expert_nvfp4(first, count);
+    loader.per_expert_nvfp4(first, static_cast<int>(count));
   }
   loader.router();
   p.validate();
@@ -399,6 +440,13 @@ LoadedLayer load_moe_layer(const std::string& dir, int layer, int64_t tokens,
 
 std::vector<float> router_logits(const LoadedLayer& layer, const uint16_t* x, int64_t tokens) {
   const int64_t E = layer.problem.num_experts, H = layer.problem.hidden;
+  FP4MOE_CHECK(tokens >= 0, "router_logits: tokens must be >= 0, got " << tokens);
+  if (tokens == 0) return {};
+  FP4MOE_CHECK(x != nullptr, "router_logits: x is null for " << tokens << " tokens");
+  detail::check_host_bytes(detail::checked_add(detail::checked_mul(tokens, H * 4, "router_logits x"),
+                                               detail::checked_mul(tokens, E * 4, "router_logits logits"),
+                                               "router_logits"),
+                           "router_logits (x in fp32 and the [T, E] logits)");
   FP4MOE_CHECK(static_cast<int64_t>(layer.router_weight.size()) == E * H,
                "router_logits: the layer has " << layer.router_weight.size()
                                                << " router weights, expected E * H = " << E * H);

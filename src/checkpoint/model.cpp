@@ -1,5 +1,6 @@
 #include "checkpoint/model.h"
 
+#include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -10,11 +11,13 @@ namespace {
 
 using json = nlohmann::json;
 
-json read_json(const std::string& path) {
-  const std::string text = st::read_text_file(path, 64u << 20);
+// Largest config.json / hf_quant_config.json accepted (real ones are a few kB).
+constexpr uint64_t kMaxConfigBytes = 64u << 20;
+
+json parse_json_text(std::string_view text, const std::string& path) {
   st::check_json_depth(text, path);
   try {
-    return json::parse(text);
+    return json::parse(text.begin(), text.end());
   } catch (const json::exception& e) {
     FP4MOE_FAIL(path << ": not valid JSON (" << e.what() << ")");
   }
@@ -40,7 +43,11 @@ float get_float(const json& cfg, const char* key, float fallback, const std::str
   const auto it = cfg.find(key);
   if (it == cfg.end() || it->is_null()) return fallback;
   FP4MOE_CHECK(it->is_number(), file << ": \"" << key << "\" must be a number, found " << it->dump());
-  return it->get<float>();
+  const double d = it->get<double>();
+  FP4MOE_CHECK(std::isfinite(d) && std::fabs(d) <= 3.0e38,
+               file << ": \"" << key << "\" must be a finite number within the float range, found "
+                    << it->dump());
+  return static_cast<float>(d);
 }
 
 bool get_bool(const json& cfg, const char* key, bool fallback, const std::string& file) {
@@ -64,14 +71,12 @@ bool has_architecture(const json& cfg, std::string_view needle) {
 }
 
 void read_quantization(const std::string& dir, const json& cfg, const std::string& cfg_path,
-                       ModelSpec& spec) {
-  namespace fs = std::filesystem;
-  const std::string hf_quant = (fs::path(dir) / "hf_quant_config.json").string();
-  std::error_code ec;
+                       const ConfigText* hf_quant_file, ModelSpec& spec) {
   json modelopt;  // the "quantization" object of a ModelOpt export
   std::string modelopt_file;
-  if (fs::exists(hf_quant, ec)) {
-    const json q = read_json(hf_quant);
+  if (hf_quant_file != nullptr) {
+    const std::string& hf_quant = hf_quant_file->name;
+    const json q = parse_json_text(hf_quant_file->text, hf_quant);
     FP4MOE_CHECK(q.is_object() && q.contains("quantization") && q["quantization"].is_object(),
                  hf_quant << ": no \"quantization\" object; not a ModelOpt export");
     modelopt = q["quantization"];
@@ -129,11 +134,22 @@ void read_quantization(const std::string& dir, const json& cfg, const std::strin
 }  // namespace
 
 ModelSpec read_model_spec(const std::string& dir) {
-  const std::string path = (std::filesystem::path(dir) / "config.json").string();
+  namespace fs = std::filesystem;
   std::error_code ec;
-  FP4MOE_CHECK(std::filesystem::exists(path, ec),
-               path << " is missing; the loader needs the model's config.json next to its weights");
-  const json root = read_json(path);
+  ConfigText config{(fs::path(dir) / "config.json").string(), {}};
+  FP4MOE_CHECK(fs::exists(config.name, ec),
+               config.name << " is missing; the loader needs the model's config.json next to its weights");
+  config.text = st::read_text_file(config.name, kMaxConfigBytes);
+  ConfigText hf_quant{(fs::path(dir) / "hf_quant_config.json").string(), {}};
+  const bool has_hf_quant = fs::exists(hf_quant.name, ec);
+  if (has_hf_quant) hf_quant.text = st::read_text_file(hf_quant.name, kMaxConfigBytes);
+  return parse_model_spec(dir, config, has_hf_quant ? &hf_quant : nullptr);
+}
+
+ModelSpec parse_model_spec(const std::string& dir, const ConfigText& config,
+                           const ConfigText* hf_quant) {
+  const std::string& path = config.name;
+  const json root = parse_json_text(config.text, path);
   FP4MOE_CHECK(root.is_object(), path << ": must be a JSON object");
   // Multimodal models (Llama 4) keep the language model's fields in text_config.
   const json& cfg = root.contains("text_config") && root["text_config"].is_object()
@@ -143,7 +159,7 @@ ModelSpec read_model_spec(const std::string& dir) {
   s.model_type = get_string(cfg, "model_type");
   if (s.model_type.empty()) s.model_type = get_string(root, "model_type");
   const std::string& mt = s.model_type;
-  read_quantization(dir, root, path, s);
+  read_quantization(dir, root, path, hf_quant, s);
 
   s.hidden = get_int(cfg, {"hidden_size"}, path);
   s.intermediate = get_int(cfg, {"moe_intermediate_size", "intermediate_size"}, path);
@@ -208,9 +224,11 @@ ModelSpec read_model_spec(const std::string& dir) {
   return s;
 }
 
-std::map<int, LayerTensors> scan_layers(const st::Checkpoint& c) {
+std::map<int, LayerTensors> scan_layers(const st::Checkpoint& c) { return scan_layers(c.names()); }
+
+std::map<int, LayerTensors> scan_layers(const std::vector<std::string>& names) {
   std::map<int, LayerTensors> out;
-  for (const std::string& name : c.names()) {
+  for (const std::string& name : names) {
     // "<...>layers.<L>.<block>.experts.<rest>"
     size_t lp = name.rfind("layers.", name.find(".experts."));
     const size_t ep = name.find(".experts.");

@@ -23,6 +23,15 @@ struct ModelSpec {
 // missing file, invalid JSON, a missing size, or an unsupported model type or quantization.
 ModelSpec read_model_spec(const std::string& dir);
 
+// The same from texts already read: `config` is config.json, `hf_quant` hf_quant_config.json (null
+// when the directory has none). `name` stands for the file in error messages. Reads no file (the
+// fuzzer calls it directly).
+struct ConfigText {
+  std::string name;
+  std::string text;
+};
+ModelSpec parse_model_spec(const std::string& dir, const ConfigText& config, const ConfigText* hf_quant);
+
 // Layers whose tensor names contain routed experts ("<prefix>experts.<e>." or gpt-oss's fused
 // "<prefix>experts.gate_up_proj_blocks"), keyed by layer index.
 struct LayerTensors {
@@ -31,5 +40,6 @@ struct LayerTensors {
   bool fused = false;          // gpt-oss layout: all experts in one tensor per projection
 };
 std::map<int, LayerTensors> scan_layers(const st::Checkpoint& c);
+std::map<int, LayerTensors> scan_layers(const std::vector<std::string>& tensor_names);
 
 }  // namespace fp4moe::ckpt

@@ -260,16 +260,41 @@ File File::parse(std::span<const uint8_t> bytes, std::string name) {
   return f;
 }
 
-File File::open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+namespace {
+
+const char* file_kind(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISFIFO(m)) return "a FIFO (named pipe)";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  if (S_ISSOCK(m)) return "a socket";
+  return "not a regular file";
+}
+
+// Opens `path` read-only and returns the descriptor and its size; only regular files are accepted.
+// NOTES: O_NONBLOCK so that opening a FIFO returns at once instead of waiting for a writer; the
+// type is then checked on the open descriptor (no window between a stat and the open).
+int open_regular(const std::string& path, uint64_t* size) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   FP4MOE_CHECK(fd >= 0, path << ": cannot open (" << std::strerror(errno) << ")");
   struct stat sb {};
-  if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+  const bool stat_ok = fstat(fd, &sb) == 0;
+  if (!stat_ok || !S_ISREG(sb.st_mode)) {
     ::close(fd);
-    FP4MOE_FAIL(path << ": not a regular file");
+    FP4MOE_FAIL(path << ": is " << (stat_ok ? file_kind(sb.st_mode) : "not a regular file")
+                     << "; checkpoint files must be regular files");
   }
+  *size = static_cast<uint64_t>(sb.st_size);
+  return fd;
+}
+
+}  // namespace
+
+File File::open(const std::string& path) {
+  uint64_t file_size = 0;
+  const int fd = open_regular(path, &file_size);
   auto map = std::make_shared<Mapping>();
-  map->size = static_cast<size_t>(sb.st_size);
+  map->size = static_cast<size_t>(file_size);
   if (map->size > 0) {
     map->addr = mmap(nullptr, map->size, PROT_READ, MAP_PRIVATE, fd, 0);
   }
@@ -331,16 +356,25 @@ std::vector<float> to_float(const File& f, const TensorInfo& t) {
 }
 
 std::string read_text_file(const std::string& path, uint64_t max_bytes) {
-  std::error_code ec;
-  const auto size = std::filesystem::file_size(path, ec);
-  FP4MOE_CHECK(!ec, path << ": cannot read (" << ec.message() << ")");
-  FP4MOE_CHECK(size <= max_bytes, path << ": " << size << " bytes is larger than the " << max_bytes
-                                       << "-byte limit for a JSON file of a checkpoint");
-  std::ifstream in(path, std::ios::binary);
-  FP4MOE_CHECK(in, path << ": cannot open");
-  std::string s(size, '\0');
-  in.read(s.data(), static_cast<std::streamsize>(size));
-  FP4MOE_CHECK(in.gcount() == static_cast<std::streamsize>(size), path << ": short read");
+  uint64_t size = 0;
+  const int fd = open_regular(path, &size);
+  if (size > max_bytes) {
+    ::close(fd);
+    FP4MOE_FAIL(path << ": " << size << " bytes is larger than the " << max_bytes
+                     << "-byte limit for a JSON file of a checkpoint");
+  }
+  // Reads at most the size fstat gave (a file growing meanwhile is cut there, one shrinking is a
+  // short read).
+  std::string s(static_cast<size_t>(size), '\0');
+  size_t got = 0;
+  while (got < s.size()) {
+    const ssize_t n = ::read(fd, s.data() + got, s.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  FP4MOE_CHECK(got == s.size(), path << ": short read (" << got << " of " << size << " bytes)");
   return s;
 }
 

@@ -1,6 +1,7 @@
 // MoeProblem: validation of every field against SPEC, and a one-line description.
 #include "fp4moe/problem.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string_view>
 
@@ -45,6 +46,23 @@ void MoeProblem::validate() const {
                                  << ") exceed num_experts = " << num_experts
                                  << "; set num_local_experts to at most "
                                  << num_experts - local_expert_offset);
+  // Every size derived from the fields (T * H activations, T * E logits, the weights of the local
+  // experts) must fit in 64-bit arithmetic; hostile field values are refused here, before any
+  // backend computes a byte count from them.
+  const int64_t widest = std::max<int64_t>({hidden, num_experts, top_k});
+  FP4MOE_CHECK(tokens <= (int64_t{1} << 62) / (8 * widest),
+               "tokens (T) = " << tokens << " is too large: T * max(H, E, k) * 8 bytes overflows "
+                               << "64-bit sizes");
+  {
+    const int64_t rows13 = is_gated(activation.kind) ? 2 * int64_t{intermediate} : intermediate;
+    const int64_t per_expert = detail::checked_add(
+        detail::checked_mul(rows13, hidden, "weights of one expert (W13 rows * H)"),
+        detail::checked_mul(hidden, intermediate, "weights of one expert (H * I)"),
+        "weights of one expert");
+    FP4MOE_CHECK(per_expert <= (int64_t{1} << 56) / std::max(1, local_experts()),
+                 "the layer's weights (" << local_experts() << " local experts of " << per_expert
+                                         << " FP4 values each) are too large for 64-bit sizes");
+  }
   FP4MOE_CHECK(!(input_mode == InputMode::w4a4 && format != Format::nvfp4),
                "input_mode w4a4 quantizes activations to NVFP4 and needs format nvfp4, got format "
                    << fp4moe::to_string(format));
@@ -149,6 +167,7 @@ std::string MoeProblem::to_string() const {
     s << " logits=" << fp4moe::to_string(routing.logits_dtype);
   if (routing.has_bias) s << " router_bias";
   if (has_bias) s << " expert_bias";
+  if (batch_invariant) s << " batch_invariant";
   return s.str();
 }
 

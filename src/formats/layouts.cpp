@@ -14,11 +14,18 @@ constexpr int64_t kTileRows = 128;
 constexpr int64_t kTileCols = 4;
 constexpr int64_t kTileBytes = kTileRows * kTileCols;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // no overflow near INT64_MAX
 
-void check_scale_shape(int64_t rows, int64_t kcols, const char* fn) {
+// Checks the shape and returns rows * kcols; every size derived from it (the padded swizzled
+// count included) is then known to fit in 64 bits.
+int64_t check_scale_shape(int64_t rows, int64_t kcols, const char* fn) {
   FP4MOE_CHECK(rows >= 0 && kcols >= 0,
                fn << " needs a non-negative scale shape, got [" << rows << ", " << kcols << "].");
+  // Padded to 128 x 4: the padded product bounds both the linear and the swizzled byte counts.
+  const int64_t prow = detail::checked_mul(ceil_div(rows, kTileRows), kTileRows, fn);
+  const int64_t pcol = detail::checked_mul(ceil_div(kcols, kTileCols), kTileCols, fn);
+  detail::checked_mul(prow, pcol, fn);
+  return rows * kcols;
 }
 
 }  // namespace
@@ -34,8 +41,8 @@ std::vector<uint8_t> pack_nibbles(std::span<const uint8_t> codes) {
 }
 
 std::vector<uint8_t> unpack_nibbles(std::span<const uint8_t> packed, size_t count) {
-  FP4MOE_CHECK(packed.size() == (count + 1) / 2,
-               "unpack_nibbles needs " << (count + 1) / 2 << " bytes for " << count
+  FP4MOE_CHECK(count / 2 + count % 2 == packed.size(),
+               "unpack_nibbles needs " << count / 2 + count % 2 << " bytes for " << count
                                        << " codes, got " << packed.size() << ".");
   std::vector<uint8_t> codes(count);
   for (size_t i = 0; i < count; ++i) {
@@ -46,10 +53,11 @@ std::vector<uint8_t> unpack_nibbles(std::span<const uint8_t> packed, size_t coun
 }
 
 size_t swizzled_128x4_offset(int64_t m, int64_t k, int64_t kcols) {
-  FP4MOE_CHECK(m >= 0 && k >= 0 && k < kcols,
+  FP4MOE_CHECK(m >= 0 && m < INT64_MAX && k >= 0 && k < kcols,
                "swizzled_128x4_offset: (row " << m << ", scale column " << k
                                               << ") is outside a matrix with " << kcols
                                               << " scale columns.");
+  check_scale_shape(m + 1, kcols, "swizzled_128x4_offset");  // the matrix holds row m
   const int64_t kt = ceil_div(kcols, kTileCols);
   return static_cast<size_t>((m / kTileRows) * kt * kTileBytes + (k / kTileCols) * kTileBytes +
                              (m % 32) * 16 + ((m % kTileRows) / 32) * 4 + k % kTileCols);
@@ -62,9 +70,9 @@ size_t swizzled_128x4_size(int64_t rows, int64_t kcols) {
 
 std::vector<uint8_t> swizzle_scales_128x4(std::span<const uint8_t> linear, int64_t rows,
                                           int64_t kcols) {
-  check_scale_shape(rows, kcols, "swizzle_scales_128x4");
-  FP4MOE_CHECK(static_cast<int64_t>(linear.size()) == rows * kcols,
-               "swizzle_scales_128x4 needs " << rows * kcols << " linear scale bytes for ["
+  const int64_t n = check_scale_shape(rows, kcols, "swizzle_scales_128x4");
+  FP4MOE_CHECK(linear.size() == static_cast<uint64_t>(n),
+               "swizzle_scales_128x4 needs " << n << " linear scale bytes for ["
                                              << rows << ", " << kcols << "], got " << linear.size()
                                              << ".");
   std::vector<uint8_t> out(swizzled_128x4_size(rows, kcols), 0);
@@ -78,6 +86,7 @@ std::vector<uint8_t> swizzle_scales_128x4(std::span<const uint8_t> linear, int64
 
 std::vector<uint8_t> unswizzle_scales_128x4(std::span<const uint8_t> swizzled, int64_t rows,
                                             int64_t kcols) {
+  // Sizes first (overflow included), then the byte count the caller's data must back.
   const size_t want = swizzled_128x4_size(rows, kcols);
   FP4MOE_CHECK(swizzled.size() == want,
                "unswizzle_scales_128x4 needs " << want << " swizzled scale bytes for [" << rows
@@ -94,10 +103,10 @@ std::vector<uint8_t> unswizzle_scales_128x4(std::span<const uint8_t> swizzled, i
 
 std::vector<uint8_t> scales_to_linear(std::span<const uint8_t> scales, ScaleLayout layout,
                                       int64_t rows, int64_t kcols) {
-  check_scale_shape(rows, kcols, "scales_to_linear");
+  const int64_t n = check_scale_shape(rows, kcols, "scales_to_linear");
   if (layout == ScaleLayout::swizzled_128x4) return unswizzle_scales_128x4(scales, rows, kcols);
-  FP4MOE_CHECK(static_cast<int64_t>(scales.size()) == rows * kcols,
-               "linear block scales for [" << rows << ", " << kcols << "] need " << rows * kcols
+  FP4MOE_CHECK(scales.size() == static_cast<uint64_t>(n),
+               "linear block scales for [" << rows << ", " << kcols << "] need " << n
                                            << " bytes, got " << scales.size() << ".");
   return {scales.begin(), scales.end()};
 }

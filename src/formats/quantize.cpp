@@ -21,6 +21,7 @@ void check_shape(int64_t rows, int64_t cols, int block, const char* fmt) {
                fmt << " quantization needs a non-negative shape, got [" << rows << ", " << cols << "].");
   FP4MOE_CHECK(cols % block == 0, fmt << " quantization needs cols to be a multiple of the block size "
                                       << block << ", got cols = " << cols << ".");
+  detail::checked_mul(rows, cols, "quantization shape [rows, cols]");
 }
 
 // Largest magnitude of one block; a NaN or infinite input has no meaningful block scale, so it is
@@ -49,6 +50,7 @@ float decode_scale(Format f, uint8_t code) {
 }  // namespace
 
 float QuantizedMatrix::element(int64_t r, int64_t c) const {
+  validate(*this, "QuantizedMatrix::element");
   FP4MOE_CHECK(r >= 0 && r < rows && c >= 0 && c < cols,
                "element (" << r << ", " << c << ") is outside the [" << rows << ", " << cols
                            << "] quantized matrix.");
@@ -152,7 +154,7 @@ void validate(const QuantizedMatrix& m, const char* what) {
   FP4MOE_CHECK(m.cols % block == 0, what << " (" << fmt << ") has " << m.cols
                                          << " columns, which is not a multiple of the block size "
                                          << block << ".");
-  const int64_t want_data = m.rows * m.cols / 2;
+  const int64_t want_data = detail::checked_mul(m.rows, m.cols, what) / 2;
   FP4MOE_CHECK(static_cast<int64_t>(m.data.size()) == want_data,
                what << " (" << fmt << ", [" << m.rows << ", " << m.cols << "]) needs " << want_data
                     << " packed data bytes, got " << m.data.size() << ".");

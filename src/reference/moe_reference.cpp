@@ -105,6 +105,8 @@ ReferenceResult moe_reference(const MoeProblem& p, const MoeWeights& w, const Ho
   const int64_t H = p.hidden, I = p.intermediate, E = p.num_experts;
   const int k = p.top_k;
   FP4MOE_CHECK(in.x != nullptr, "moe_reference: x is null for " << T << " tokens");
+  // Results: out (bf16) and out_f32 [T, H], the routing [T, k] (validate() bounds T * H * 8).
+  detail::check_host_bytes(T * H * 6 + T * k * 8, "moe_reference (its [T, H] results)");
 
   res.topk_ids.resize(static_cast<size_t>(T * k));
   res.topk_weights.resize(static_cast<size_t>(T * k));

@@ -119,6 +119,14 @@ void route_token(const MoeProblem& p, const float* logit, const float* bias, int
                   "topk_ids / topk_weights instead");
   }
   for (int j = 0; j < k; ++j) ids[j] = idx[j];
+  // SPEC "Non-finite inputs": a NaN anywhere in the token's scores (a NaN logit or router bias, or
+  // inf - inf) makes every weight of the token NaN, so its output is NaN whatever was selected; the
+  // ids stay k distinct experts in [0, E) (NaN scores order below every number).
+  if (std::any_of(score.begin(), score.end(), [](float v) { return std::isnan(v); }) ||
+      (r.method == RoutingMethod::llama4 &&
+       std::any_of(logit, logit + E, [](float v) { return std::isnan(v); }))) {
+    for (int j = 0; j < k; ++j) weights[j] = std::numeric_limits<float>::quiet_NaN();
+  }
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "fp4moe/error.h"
+#include "fp4moe/layout.h"
 #include "reference/parallel.h"
 
 namespace fp4moe {
@@ -178,8 +179,41 @@ void validate(const MoeProblem& p, const MoeWeights& w) {
   }
 }
 
+namespace {
+void check_matrix_scales(const QuantizedMatrix& m, int expert, const char* name) {
+  const int64_t kcols = m.scale_cols();
+  for (size_t i = 0; i < m.scales.size(); ++i) {
+    const uint8_t c = m.scales[i];
+    const bool nan = m.format == Format::nvfp4 ? (c & 0x7F) == 0x7F : c == 0xFF;
+    if (!nan) continue;
+    FP4MOE_FAIL("expert " << expert << " " << name << ": block scale of row " << int64_t(i) / kcols
+                          << ", block " << int64_t(i) % kcols << " (columns "
+                          << int64_t(i) % kcols * m.block() << ".." << (int64_t(i) % kcols + 1) * m.block() - 1
+                          << ") is NaN (" << (m.format == Format::nvfp4 ? "E4M3" : "E8M0") << " code "
+                          << detail::hex_byte(c) << "); NaN block scales are not accepted");
+  }
+}
+}  // namespace
+
+void check_block_scales(const MoeProblem& p, const MoeWeights& w) {
+  validate(p, w);
+  for (size_t i = 0; i < w.experts.size(); ++i) {
+    const ExpertWeights& x = w.experts[i];
+    const int e = p.local_expert_offset + static_cast<int>(i);
+    if (p.gated()) check_matrix_scales(x.gate, e, "gate");
+    check_matrix_scales(x.up, e, "up");
+    check_matrix_scales(x.down, e, "down");
+  }
+}
+
 MoeWeights random_weights(const MoeProblem& p, uint64_t seed) {
   p.validate();
+  {
+    const PackedLayout L = PackedLayout::make(p.hidden, p.intermediate, p.local_experts(), p.format,
+                                              p.gated(), p.has_bias);
+    detail::check_host_bytes(L.checkpoint_bytes_per_expert() * p.local_experts(),
+                             "random_weights (the layer's FP4 weights)");
+  }
   MoeWeights w;
   w.format = p.format;
   w.hidden = p.hidden;

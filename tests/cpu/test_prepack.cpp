@@ -139,12 +139,12 @@ TEST(Prepack, RejectsNaNScalesNamingTheFirst) {
   w.experts[1].down.scales[size_t(5 * kc)] = 0xFF;     // later in the same matrix
   w.experts[2].gate.scales[0] = 0x7F;                  // a later expert
   const std::string msg = error_of(p, w);
-  EXPECT_NE(msg.find("expert 3 down row 2 block 1: NVFP4 block scale is NaN (E4M3 code 0x7F)"), std::string::npos)
+  EXPECT_NE(msg.find("expert 3 down: block scale of row 2, block 1 (columns 16..31) is NaN (E4M3 code 0x7F)"), std::string::npos)
       << msg;
   MoeProblem m = small(Format::mxfp4, Activation::swiglu);
   MoeWeights mw = random_weights(m, 6);
   mw.experts[0].up.scales[1] = 0xFF;
-  EXPECT_NE(error_of(m, mw).find("expert 0 up row 0 block 1: MXFP4 block scale is NaN (E8M0 code 0xFF)"),
+  EXPECT_NE(error_of(m, mw).find("expert 0 up: block scale of row 0, block 1 (columns 32..63) is NaN (E8M0 code 0xFF)"),
             std::string::npos)
       << error_of(m, mw);
   mw = random_weights(m, 6);

@@ -1,7 +1,8 @@
 # Included by the top-level CMakeLists.txt (inside the tests block) when FP4MOE_BUILD_FUZZERS is on.
 # Probes for a clang that links -fsanitize=fuzzer,address; when found, builds tests/fuzz with it via
-# ExternalProject and registers the ctest tests `fuzz_safetensors_seeds` (writes the seed corpus) and
-# `fuzz_safetensors` (label fuzz, runs the fuzzer for FP4MOE_FUZZ_SECONDS). Otherwise says so loudly.
+# ExternalProject and registers the ctest tests `fuzz_safetensors_seeds` (writes both seed corpora),
+# `fuzz_safetensors` and `fuzz_checkpoint_config` (label fuzz, each runs for FP4MOE_FUZZ_SECONDS).
+# Otherwise says so loudly.
 include(ExternalProject)
 
 find_program(FP4MOE_FUZZ_CXX NAMES clang++ clang++-19 clang++-18 clang++-17 clang++-16 clang++-15
@@ -39,10 +40,11 @@ ExternalProject_Add(fp4moe_fuzz
              -Dnlohmann_json_DIR=${nlohmann_json_DIR}
   BUILD_ALWAYS ON
   INSTALL_COMMAND ""
-  BUILD_BYPRODUCTS ${_fuzz_bin}/fuzz_safetensors ${_fuzz_bin}/make_safetensors_seeds)
+  BUILD_BYPRODUCTS ${_fuzz_bin}/fuzz_safetensors ${_fuzz_bin}/fuzz_checkpoint_config
+                   ${_fuzz_bin}/make_safetensors_seeds)
 
 add_test(NAME fuzz_safetensors_seeds
-         COMMAND ${_fuzz_bin}/make_safetensors_seeds ${_fuzz_bin}/corpus)
+         COMMAND ${_fuzz_bin}/make_safetensors_seeds ${_fuzz_bin}/corpus ${_fuzz_bin}/corpus_config)
 set_tests_properties(fuzz_safetensors_seeds PROPERTIES LABELS fuzz
                      FIXTURES_SETUP fuzz_safetensors_corpus)
 # New interesting inputs go into the corpus directory; a crash leaves its input under artifacts/.
@@ -52,6 +54,14 @@ add_test(NAME fuzz_safetensors
                  -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1
                  -artifact_prefix=${_fuzz_bin}/artifacts/ ${_fuzz_bin}/corpus)
 set_tests_properties(fuzz_safetensors PROPERTIES LABELS fuzz
+                     FIXTURES_REQUIRED fuzz_safetensors_corpus
+                     TIMEOUT 600)
+# config.json + hf_quant_config.json + index (see fuzz_checkpoint_config.cpp for the input layout).
+add_test(NAME fuzz_checkpoint_config
+         COMMAND ${_fuzz_bin}/fuzz_checkpoint_config -max_total_time=${FP4MOE_FUZZ_SECONDS}
+                 -rss_limit_mb=2048 -max_len=16384 -timeout=10 -print_final_stats=1
+                 -artifact_prefix=${_fuzz_bin}/artifacts/ ${_fuzz_bin}/corpus_config)
+set_tests_properties(fuzz_checkpoint_config PROPERTIES LABELS fuzz
                      FIXTURES_REQUIRED fuzz_safetensors_corpus
                      TIMEOUT 600)
 message(STATUS "fp4moe: fuzz test registered (${FP4MOE_FUZZ_CXX}, ${FP4MOE_FUZZ_SECONDS} s; "

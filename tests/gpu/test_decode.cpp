@@ -11,48 +11,8 @@ using testing::compare;
 using testing::first_mismatch;
 using testing::random_inputs;
 using testing::run_gpu;
-
-struct Case {
-  std::string name;
-  int H, I, E, k;
-  int64_t T;
-  Format format = Format::nvfp4;
-  RoutingMethod routing = RoutingMethod::softmax_topk;
-  Activation act = Activation::swiglu;
-  InputMode mode = InputMode::w4a16;
-  bool bias = false;
-  int ep_offset = 0, ep_count = 0;
-};
-
-// gtest prints parameters in test listings (ctest, CI logs): the case's name, not its bytes.
-void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
-
-MoeProblem make_problem(const Case& c) {
-  MoeProblem p;
-  p.tokens = c.T;
-  p.hidden = c.H;
-  p.intermediate = c.I;
-  p.num_experts = c.E;
-  p.top_k = c.k;
-  p.format = c.format;
-  p.input_mode = c.mode;
-  p.activation.kind = c.act;
-  p.routing.method = c.routing;
-  p.has_bias = c.bias;
-  p.local_expert_offset = c.ep_offset;
-  p.num_local_experts = c.ep_count;
-  switch (c.routing) {
-    case RoutingMethod::topk_softmax: p.routing.has_bias = true; break;
-    case RoutingMethod::deepseek_v3:
-      p.routing.has_bias = true;
-      p.routing.n_group = 4;
-      p.routing.topk_group = 2;
-      p.routing.routed_scaling_factor = 2.5f;
-      break;
-    default: break;
-  }
-  return p;
-}
+using testing::Case;
+using testing::make_problem;
 
 // The reference result uses the weights of the local experts only, as the GPU does.
 void check_case(const Case& c, uint64_t seed) {

@@ -337,7 +337,7 @@ def test_weights_reject_bad_arrays(rng):
     good = dict(arrays)
     with pytest.raises(fp4moe.Error, match=r"down must have shape \[4, 128, 32\]"):
         fp4moe.make_weights(p, **{**good, "down": good["down"][:, :64]})
-    with pytest.raises(fp4moe.Error, match="up must be uint8"):
+    with pytest.raises(fp4moe.Error, match="up must have dtype uint8, got int16"):
         fp4moe.make_weights(p, **{**good, "up": good["up"].astype(np.int16)})
     with pytest.raises(fp4moe.Error, match="C-contiguous"):
         fp4moe.make_weights(p, **{**good, "up": np.asfortranarray(good["up"])})

@@ -352,3 +352,34 @@ def test_upload_to_wrong_device_index_is_rejected(rng):
     packed = fp4moe.prepack(p, fp4moe.random_weights(p, 3))
     with pytest.raises(fp4moe.Error, match="does not exist"):
         fp4moe.upload(p, packed, device=torch.cuda.device_count())
+
+
+def test_empty_batch_precomputed_with_router_bias_and_nan_token():
+    # gpt-oss-like problem: topk_softmax with a router bias, MXFP4, expert biases.
+    p = fp4moe.make_problem(hidden=256, intermediate=128, num_experts=8, top_k=2, format="mxfp4",
+                            routing="topk_softmax", router_bias=True, activation="swiglu_oai",
+                            has_bias=True)
+    dw = fp4moe.to_device(p, fp4moe.random_weights(p, 5))
+    bias = torch.zeros(8, device=DEV)
+    # T = 0: empty in, empty out, through the op and the DLPack path.
+    out = fp4moe.moe_forward(dw, torch.empty(0, 256, dtype=torch.bfloat16, device=DEV),
+                             torch.empty(0, 8, device=DEV), router_bias=bias)
+    assert out.shape == (0, 256)
+    ws = torch.empty(fp4moe.workspace_size(p), dtype=torch.uint8, device=DEV)
+    empty = torch.empty(0, 256, dtype=torch.bfloat16, device=DEV)
+    fp4moe._C.moe_forward_dlpack(dw, empty, empty, ws, torch.cuda.current_stream().cuda_stream,
+                                 torch.empty(0, 8, device=DEV), bias)
+    # Precomputed top-k for a problem whose routing has a router bias: the bias is unused.
+    x = torch.randn(3, 256, device=DEV).bfloat16()
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32, device=DEV)
+    tw = torch.full((3, 2), 0.5, device=DEV)
+    pre = fp4moe.moe_forward(dw, x, topk_ids=ids, topk_weights=tw)
+    assert torch.isfinite(pre.float()).all()
+    # A NaN logit makes that token NaN and leaves the others bitwise unchanged.
+    logits = torch.randn(3, 8, device=DEV)
+    clean = fp4moe.moe_forward(dw, x, logits, router_bias=bias)
+    logits[1, 4] = float("nan")
+    got = fp4moe.moe_forward(dw, x, logits, router_bias=bias)
+    torch.cuda.synchronize()
+    assert torch.isnan(got[1].float()).all()
+    assert torch.equal(got[[0, 2]].view(torch.int16), clean[[0, 2]].view(torch.int16))

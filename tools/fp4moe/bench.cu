@@ -23,6 +23,7 @@
 #include "commands.h"
 #include "common/cuda_check.h"
 #include "fp4moe/fp4moe.h"
+#include "numbers.h"
 
 namespace fp4moe::cli {
 namespace {
@@ -173,6 +174,7 @@ struct Options {
   std::string format = "nvfp4";
   std::string input_mode = "w4a16";
   std::string csv, torch_csv;
+  std::string reps_text = "100", check_tokens_text = "2", seed_text = "1";
   int reps = 100;
   int check_tokens = 2;
   bool timeline = false;
@@ -180,7 +182,18 @@ struct Options {
   uint64_t seed = 1;
 };
 
-void bench(const Options& o) {
+void bench(Options o) {
+  // Every option is checked before the GPU is touched.
+  o.reps = parse_integer<int>(o.reps_text, "--reps", 10, 100000);
+  o.check_tokens = parse_integer<int>(o.check_tokens_text, "--check-tokens", 1, 64);
+  o.seed = parse_integer<uint64_t>(o.seed_text, "--seed", 0, UINT64_MAX);
+  const std::vector<int64_t> tokens = parse_integer_list<int64_t>(o.tokens, "--tokens", 1, 1 << 20);
+  for (const std::string& name : split(o.presets)) find_preset(name);
+  FP4MOE_CHECK(!split(o.presets).empty(), "--preset is empty");
+  if (o.format != "native") parse_format(o.format);
+  parse_input_mode(o.input_mode);
+  FP4MOE_CHECK(o.routing == "uniform" || o.routing == "balanced" || o.routing == "skewed",
+               "--routing expects uniform, balanced or skewed, got '" << o.routing << "'");
   std::string why;
   FP4MOE_CHECK(gpu_available(&why), "fp4moe bench needs a Hopper GPU: " << why);
   cudaDeviceProp prop;
@@ -196,7 +209,12 @@ void bench(const Options& o) {
     std::getline(f, line);  // header: preset,tokens,experts,bytes,median_us,...
     while (std::getline(f, line)) {
       auto c = split(line);
-      if (c.size() >= 5) torch_us[{c[0], std::stoll(c[1])}] = std::stod(c[4]);
+      if (c.size() < 5) continue;
+      char* end = nullptr;
+      const double us = std::strtod(c[4].c_str(), &end);
+      FP4MOE_CHECK(end != c[4].c_str() && *end == '\0',
+                   o.torch_csv << ": median_us '" << c[4] << "' of row '" << line << "' is not a number");
+      torch_us[{c[0], parse_integer<int64_t>(c[1], "--torch-csv tokens column", 0, INT64_MAX)}] = us;
     }
   }
   std::printf("# fp4moe bench | %s | driver %d.%d | CUDA runtime %d.%d | %d SMs | L2 %d MB\n", prop.name,
@@ -215,9 +233,6 @@ void bench(const Options& o) {
   cudaStream_t stream;
   FP4MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   Dev<unsigned> sink(1);
-  std::vector<int64_t> tokens;
-  for (auto& t : split(o.tokens)) tokens.push_back(std::stoll(t));
-  FP4MOE_CHECK(!tokens.empty(), "--tokens is empty");
 
   for (const std::string& name : split(o.presets)) {
     const Preset& pr = find_preset(name);
@@ -327,7 +342,7 @@ void bench(const Options& o) {
 
       if (o.timeline) {
         const Plan plan = make_plan(prun);
-        Dev<uint64_t> tl(size_t(plan.blocks) * 8);
+        Dev<uint64_t> tl(size_t(plan.decode.blocks) * 8);
         DeviceInputs in = inputs(0);
         in.timeline = tl.p;
         run(prun, dw[0], in, ws.p, ws_bytes, stream);
@@ -335,19 +350,19 @@ void bench(const Options& o) {
         std::vector<uint64_t> h(tl.n);
         FP4MOE_CUDA_CHECK(cudaMemcpy(h.data(), tl.p, h.size() * 8, cudaMemcpyDeviceToHost));
         uint64_t t0 = UINT64_MAX;
-        for (int b = 0; b < plan.blocks; ++b) t0 = std::min(t0, h[size_t(b) * 6]);
+        for (int b = 0; b < plan.decode.blocks; ++b) t0 = std::min(t0, h[size_t(b) * 6]);
         const char* names[6] = {"start", "routed", "lists", "gemm1", "barrier", "gemm2"};
         std::fprintf(stderr, "timeline %s T=%lld (us since the first block started; min / max over %d blocks):", name.c_str(),
-                     (long long)T, plan.blocks);
+                     (long long)T, plan.decode.blocks);
         for (int k = 0; k < 6; ++k) {
           uint64_t lo = UINT64_MAX, hi = 0;
-          for (int b = 0; b < plan.blocks; ++b) {
+          for (int b = 0; b < plan.decode.blocks; ++b) {
             lo = std::min(lo, h[size_t(b) * 6 + k]);
             hi = std::max(hi, h[size_t(b) * 6 + k]);
           }
           std::fprintf(stderr, " %s %.1f/%.1f", names[k], (lo - t0) / 1e3, (hi - t0) / 1e3);
         }
-        const uint64_t* clk = h.data() + size_t(plan.blocks) * 6;
+        const uint64_t* clk = h.data() + size_t(plan.decode.blocks) * 6;
         const double ns = double(h[5] - h[0]);
         std::fprintf(stderr, " | block 0 ran at %.0f MHz\n", ns > 0 ? double(clk[1] - clk[0]) / ns * 1e3 : 0.0);
       }
@@ -406,10 +421,10 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--routing", o->routing, "uniform | balanced | skewed")->capture_default_str();
   cmd->add_option("--format", o->format, "nvfp4 | mxfp4 | native (the preset's own)")->capture_default_str();
   cmd->add_option("--input-mode", o->input_mode, "w4a16 | w4a4")->capture_default_str();
-  cmd->add_option("--reps", o->reps, "Timed graph replays")->capture_default_str()->check(CLI::Range(10, 100000));
-  cmd->add_option("--check-tokens", o->check_tokens, "Tokens checked against the CPU reference per row")
-      ->capture_default_str()->check(CLI::Range(1, 64));
-  cmd->add_option("--seed", o->seed, "Random seed")->capture_default_str();
+  cmd->add_option("--reps", o->reps_text, "Timed graph replays (10..100000)")->capture_default_str();
+  cmd->add_option("--check-tokens", o->check_tokens_text, "Tokens checked against the CPU reference per row (1..64)")
+      ->capture_default_str();
+  cmd->add_option("--seed", o->seed_text, "Random seed")->capture_default_str();
   cmd->add_flag("--precomputed", o->precomputed,
                "Pass top-k ids and weights computed on the host (the precomputed entry point) instead of logits");
   cmd->add_flag("--timeline", o->timeline, "Also print where the time of one call goes, phase by phase");

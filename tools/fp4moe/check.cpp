@@ -20,6 +20,7 @@
 #include "fp4moe/reference.h"
 #include "fp4moe/weights.h"
 #include "naive_moe.h"
+#include "numbers.h"
 
 namespace fp4moe::cli {
 namespace {
@@ -27,8 +28,10 @@ namespace {
 // SPEC "Numerics and checks": a correct backend stays well under this relative L2 error.
 constexpr double kMaxRelL2 = 1e-2;
 
+// The numbers arrive as text and are parsed strictly (numbers.h) by parse_numbers().
 struct CheckOptions {
   std::string preset;
+  std::string tokens_text = "8", seed_text = "0", threads_text = "0", layer_text;
   int64_t tokens = 8;
   std::string routing;     // empty: the preset's
   std::string format;      // empty: the preset's
@@ -160,13 +163,11 @@ void parse_experts_local(const CheckOptions& opt, MoeProblem& p) {
     const size_t colon = opt.experts_local.find(':');
     FP4MOE_CHECK(colon != std::string::npos,
                  "--experts-local expects OFFSET:COUNT, got '" << opt.experts_local << "'");
-    try {
-      p.local_expert_offset = std::stoi(opt.experts_local.substr(0, colon));
-      p.num_local_experts = std::stoi(opt.experts_local.substr(colon + 1));
-    } catch (const std::exception&) {
-      FP4MOE_FAIL("--experts-local expects two integers OFFSET:COUNT, got '" << opt.experts_local
-                                                                            << "'");
-    }
+    const std::string_view text = opt.experts_local;
+    p.local_expert_offset =
+        parse_integer<int>(text.substr(0, colon), "--experts-local OFFSET (of OFFSET:COUNT)", 0, INT32_MAX);
+    p.num_local_experts =
+        parse_integer<int>(text.substr(colon + 1), "--experts-local COUNT (of OFFSET:COUNT)", 1, INT32_MAX);
     FP4MOE_CHECK(p.num_local_experts > 0,
                  "--experts-local COUNT must be positive, got " << p.num_local_experts);
   }
@@ -213,11 +214,32 @@ Comparison compare(const std::vector<uint16_t>& got, const std::vector<double>& 
   return c;
 }
 
-int run_check(const CheckOptions& opt) {
+void parse_numbers(CheckOptions& opt) {
+  opt.tokens = parse_integer<int64_t>(opt.tokens_text, "--tokens", 0, INT64_MAX);
+  opt.seed = parse_integer<uint64_t>(opt.seed_text, "--seed", 0, UINT64_MAX);
+  opt.threads = parse_integer<int>(opt.threads_text, "--threads", 0, 4096);
+  if (!opt.layer_text.empty()) opt.layer = parse_integer<int>(opt.layer_text, "--layer", 0, INT32_MAX);
+}
+
+// Host bytes the check holds at once that grow with T: x and the output (bf16), logits, the
+// routing, the reference's results (bf16 + fp32) and the plain loops' fp64 output. Refused with the
+// byte count before anything is allocated.
+void check_memory(const MoeProblem& p) {
+  using detail::checked_add;
+  using detail::checked_mul;
+  const char* what = "fp4moe check (the [T, H] inputs and outputs)";
+  const int64_t per_token = int64_t{p.hidden} * (2 + 2 + 6 + 8) + int64_t{p.num_experts} * 4 + int64_t{p.top_k} * 8;
+  detail::check_host_bytes(checked_add(checked_mul(p.tokens, per_token, what), int64_t{p.num_experts} * 4, what),
+                           what);
+}
+
+int run_check(CheckOptions opt) {
+  parse_numbers(opt);
   const Backend& backend = find_backend(opt.backend);
   std::optional<LoadedLayer> loaded;
   if (!opt.checkpoint.empty()) loaded = load_checkpoint_layer(opt);
   const MoeProblem p = loaded ? loaded->problem : make_problem(opt);
+  check_memory(p);
   const int64_t T = p.tokens, H = p.hidden, E = p.num_experts, k = p.top_k;
   std::printf("problem  %s\n", p.to_string().c_str());
 
@@ -314,20 +336,18 @@ void add_check_command(CLI::App& app) {
   CLI::Option* ckpt = cmd->add_option("--checkpoint", opt->checkpoint,
                                       "Instead of a preset: a checkpoint directory (see docs/checkpoints.md)");
   preset->excludes(ckpt);
-  cmd->add_option("--layer", opt->layer, "With --checkpoint: the MoE layer to run")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--tokens,-T", opt->tokens, "Tokens T (default 8)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--layer", opt->layer_text, "With --checkpoint: the MoE layer to run");
+  cmd->add_option("--tokens,-T", opt->tokens_text, "Tokens T (default 8)");
   cmd->add_option("--routing", opt->routing,
                   "Routing method instead of the preset's: softmax_topk, topk_softmax, deepseek_v3, "
                   "llama4, sigmoid_topk, precomputed (random ids and weights)");
   cmd->add_option("--format", opt->format, "Weight format instead of the preset's: nvfp4, mxfp4");
   cmd->add_option("--input-mode", opt->input_mode, "Activation input: w4a16 (default) or w4a4");
-  cmd->add_option("--seed", opt->seed, "Seed of the weights and inputs (default 0)");
+  cmd->add_option("--seed", opt->seed_text, "Seed of the weights and inputs (default 0)");
   cmd->add_option("--experts-local", opt->experts_local,
                   "Expert parallelism: this rank holds experts OFFSET:COUNT");
   cmd->add_option("--backend", opt->backend, "Backend to check: auto (default: gpu where a Hopper GPU exists, else cpu), gpu, cpu");
-  cmd->add_option("--threads", opt->threads, "Host threads (default 0: all cores)")
-      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--threads", opt->threads_text, "Host threads (default 0: all cores)");
   cmd->callback([opt] {
     if (opt->preset.empty() && opt->checkpoint.empty())
       throw CLI::RequiredError("--preset or --checkpoint");

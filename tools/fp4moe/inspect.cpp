@@ -8,12 +8,14 @@
 #include "commands.h"
 #include "fp4moe/checkpoint.h"
 #include "fp4moe/formats.h"
+#include "numbers.h"
 
 namespace fp4moe::cli {
 namespace {
 
 struct InspectOptions {
   std::string checkpoint;
+  std::string layer_text;
   int layer = -1;
 };
 
@@ -73,7 +75,8 @@ void print_layer(const InspectOptions& opt) {
   if (shown > 20) std::printf("  ... and %zu more warnings\n", shown - 20);
 }
 
-void run_inspect(const InspectOptions& opt) {
+void run_inspect(InspectOptions opt) {
+  if (!opt.layer_text.empty()) opt.layer = parse_integer<int>(opt.layer_text, "--layer", 0, INT32_MAX);
   const CheckpointInfo info = inspect_checkpoint(opt.checkpoint);
   std::printf("checkpoint  %s\n", info.dir.c_str());
   std::printf("format      %s (%s, per-tensor scales stored in the %s direction)\n",
@@ -98,7 +101,7 @@ void run_inspect(const InspectOptions& opt) {
   if (!info.moe_layers.empty()) std::printf(" (prefix %s)", info.moe_layers.front().prefix.c_str());
   std::printf("\n");
   int complete = 0;
-  for (const auto& l : info.moe_layers) complete += l.missing_experts.empty();
+  for (const auto& l : info.moe_layers) complete += l.missing_count == 0;
   std::printf("experts     %d per layer; %d of %zu layers complete\n", info.num_experts, complete,
               info.moe_layers.size());
   for (const auto& w : info.warnings) std::printf("warning     %s\n", w.c_str());
@@ -113,8 +116,7 @@ void add_inspect_command(CLI::App& app) {
       "inspect", "Describe an FP4 checkpoint: format, MoE layers, experts, scales, problems found");
   cmd->add_option("--checkpoint", opt->checkpoint, "Checkpoint directory (holding config.json)")
       ->required();
-  cmd->add_option("--layer", opt->layer, "Also load this layer and summarize its scales")
-      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--layer", opt->layer_text, "Also load this layer and summarize its scales");
   cmd->callback([opt] { run_inspect(*opt); });
 }
 

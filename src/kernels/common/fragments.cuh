@@ -54,6 +54,18 @@ __device__ __forceinline__ void dequant_word(uint32_t w, uint32_t s_lo, uint32_t
   a[3] = bf16x2_mul(e2m1_pair<3>(w), s_hi);
 }
 
+// The lane's four A fragments (k16 steps 0..3) of one packed (m-tile, k-tile): its 16 weight bytes
+// and its two scale bytes (read at lane_scale_offset).
+template <Format F>
+__device__ __forceinline__ void dequant_tile(const uint4& w, uint32_t scale_bytes, uint32_t (&a)[4][4]) {
+  uint32_t s_lo, s_hi;
+  scale_pairs<F>(scale_bytes, s_lo, s_hi);
+  dequant_word(w.x, s_lo, s_hi, a[0]);
+  dequant_word(w.y, s_lo, s_hi, a[1]);
+  dequant_word(w.z, s_lo, s_hi, a[2]);
+  dequant_word(w.w, s_lo, s_hi, a[3]);
+}
+
 __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -130,6 +142,33 @@ __device__ __forceinline__ float nvfp4_block_scale(float amax, float g) {
   float s = amax / (6.0f * g);
   s = fmaxf(s, 0.001953125f);  // 2^-9
   return e4m3_round(s);
+}
+
+// W4A4: quantize-dequantize the lane's 16 activations (one NVFP4 block) in place, leaving
+// e2m1 * e4m3 (exact in bf16); the global scale g is applied in the epilogue.
+__device__ __forceinline__ void fake_quant_block(uint4 (&v)[2], float g) {
+  float f[16];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint4& vv = v[i / 4];
+    const uint32_t w = i % 4 == 0 ? vv.x : i % 4 == 1 ? vv.y : i % 4 == 2 ? vv.z : vv.w;
+    f[2 * i] = __uint_as_float(w << 16);
+    f[2 * i + 1] = __uint_as_float(w & 0xffff0000u);
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
+  const float s = nvfp4_block_scale(amax, g);
+  const float denom = s * g;
+  uint32_t o[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(e2m1_round(f[2 * i] / denom) * s,
+                                             e2m1_round(f[2 * i + 1] / denom) * s);
+    o[i] = *reinterpret_cast<uint32_t*>(&h);
+  }
+  v[0] = make_uint4(o[0], o[1], o[2], o[3]);
+  v[1] = make_uint4(o[4], o[5], o[6], o[7]);
 }
 
 }  // namespace fp4moe::kernels

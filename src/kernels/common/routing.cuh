@@ -67,6 +67,10 @@ template <class P>
 __device__ inline void route_token(const P& p, int t, float* sel, float* val, int lane, int* ids_out,
                                    float* tw_out) {
   const int E = p.E, k = p.k;
+  // NOTES: SPEC "Non-finite inputs". A NaN score (NaN logit or router bias, inf - inf) is selected
+  // as -inf, so the k picks stay distinct valid ids (NaN in `sel` marks taken entries), and the
+  // token's k weights become NaN at the end.
+  bool nan_seen = false;
   for (int e = lane; e < E; e += 32) {
     float l = p.logits_bf16
                   ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.logits)[int64_t(t) * E + e])
@@ -82,7 +86,9 @@ __device__ inline void route_token(const P& p, int t, float* sel, float* val, in
       default: break;
     }
     val[e] = s;
-    sel[e] = p.method == RoutingMethod::deepseek_v3 ? s + b : s;
+    const float c = p.method == RoutingMethod::deepseek_v3 ? s + b : s;
+    nan_seen |= c != c;
+    sel[e] = c != c ? -INFINITY : c;
   }
   __syncwarp();
   if (p.method == RoutingMethod::softmax_topk) {
@@ -95,7 +101,8 @@ __device__ inline void route_token(const P& p, int t, float* sel, float* val, in
     for (int e = lane; e < E; e += 32) {
       float pr = expf(val[e] - m) / sum;
       val[e] = pr;
-      sel[e] = pr;
+      nan_seen |= pr != pr;
+      sel[e] = pr != pr ? -INFINITY : pr;
     }
     __syncwarp();
   }
@@ -122,6 +129,7 @@ __device__ inline void route_token(const P& p, int t, float* sel, float* val, in
       if (!((keep >> (e / gs)) & 1)) sel[e] = __int_as_float(0x7fffffff);
     __syncwarp();
   }
+  const bool nan_token = __any_sync(0xffffffffu, nan_seen);
   // k rounds of arg-max; lane j keeps the j-th pick.
   int my_id = -1;
   float my_val = 0.0f;
@@ -156,6 +164,7 @@ __device__ inline void route_token(const P& p, int t, float* sel, float* val, in
     case RoutingMethod::llama4: w = sigmoidf_exact(my_val); break;
     default: break;
   }
+  if (nan_token) w = __int_as_float(0x7fffffff);
   if (active) {
     ids_out[t * k + lane] = my_id;
     tw_out[t * k + lane] = w;

@@ -54,32 +54,6 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// W4A4: quantize-dequantize the lane's 16 activations (one NVFP4 block) in place, leaving
-// e2m1 * e4m3 (exact in bf16); the global scale g is applied in the epilogue.
-__device__ __forceinline__ void fake_quant_block(uint4 (&v)[2], float g) {
-  float f[16];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    uint32_t w = word(v[i / 4], i % 4);
-    f[2 * i] = __uint_as_float(w << 16);
-    f[2 * i + 1] = __uint_as_float(w & 0xffff0000u);
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
-  const float s = nvfp4_block_scale(amax, g);
-  const float denom = s * g;
-  uint32_t o[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(e2m1_round(f[2 * i] / denom) * s,
-                                             e2m1_round(f[2 * i + 1] / denom) * s);
-    o[i] = *reinterpret_cast<uint32_t*>(&h);
-  }
-  v[0] = make_uint4(o[0], o[1], o[2], o[3]);
-  v[1] = make_uint4(o[4], o[5], o[6], o[7]);
-}
-
 // Diagnostics: with p.timeline set, thread 0 of each block records the global timer (ns) at the
 // phase boundaries: [block][0 start, 1 routed, 2 lists, 3 GEMM1 done, 4 after the barrier, 5 end],
 // then [block][2] SM clock counts at start and end (the clock rate the call ran at).

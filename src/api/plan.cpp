@@ -1,0 +1,264 @@
+// The planner (include/fp4moe/plan.h): tactic, tile shapes, stages and grid from the problem and a
+// description of the device. Pure: no CUDA call happens here except in DeviceDesc::current().
+#include "fp4moe/plan.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <set>
+
+#include "common/cuda_check.h"
+#include "fp4moe/error.h"
+#include "fp4moe/layout.h"
+#include "kernels/decode/params.h"
+#include "kernels/prefill/params.h"
+
+namespace fp4moe {
+
+std::string_view to_string(Tactic t) { return t == Tactic::decode ? "decode" : "prefill"; }
+
+// ---- device descriptions --------------------------------------------------------------------------
+DeviceDesc DeviceDesc::h100() {
+  DeviceDesc d;
+  d.name = "NVIDIA H100 80GB HBM3";
+  d.sms = 132;
+  d.cc_major = 9;
+  d.smem_per_block = 232448;
+  d.smem_per_sm = 233472;
+  d.l2_bytes = 52428800;
+  d.hbm_bytes_per_s = 3.0e12;  // read kernel, 1-6 GB (BENCH.md, H100 figures)
+  d.bf16_flops = 7.6e14;       // lead only: not measured on that card in the same run
+  return d;
+}
+
+DeviceDesc DeviceDesc::h200() {
+  DeviceDesc d = h100();
+  d.name = "NVIDIA H200";
+  d.l2_bytes = 62914560;
+  d.hbm_bytes_per_s = 4.3e12;  // device-to-device copy, read + write (BENCH.md, H200)
+  d.bf16_flops = 7.8e14;       // bf16 8192^3 GEMM through PyTorch, 769-798 TFLOP/s (BENCH.md)
+  return d;
+}
+
+DeviceDesc DeviceDesc::named(const std::string& name) {
+  std::string n;
+  for (char c : name) n += char(std::tolower(static_cast<unsigned char>(c)));
+  if (n == "h100") return h100();
+  if (n == "h200") return h200();
+  FP4MOE_FAIL("unknown device '" << name << "': expected h100 or h200");
+}
+
+DeviceDesc DeviceDesc::current() {
+  static std::mutex mu;
+  static std::map<int, DeviceDesc> cache;
+  int dev = 0;
+  FP4MOE_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it != cache.end()) return it->second;
+  cudaDeviceProp prop;
+  FP4MOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  DeviceDesc d = std::string(prop.name).find("H200") != std::string::npos ? h200() : h100();
+  d.name = prop.name;
+  d.sms = prop.multiProcessorCount;
+  d.cc_major = prop.major;
+  d.cc_minor = prop.minor;
+  d.smem_per_block = prop.sharedMemPerBlockOptin;
+  d.smem_per_sm = prop.sharedMemPerMultiprocessor;
+  d.l2_bytes = prop.l2CacheSize;
+  cache[dev] = d;
+  return d;
+}
+
+std::string DeviceDesc::to_string() const {
+  ::fp4moe::detail::Message o;
+  o << name << " (sm_" << cc_major << cc_minor << ", " << sms << " SMs, " << smem_per_block / 1024
+    << " KB shared/block, L2 " << l2_bytes / (1024 * 1024) << " MB, ~" << hbm_bytes_per_s / 1e12 << " TB/s, ~"
+    << bf16_flops / 1e12 << " bf16 TFLOP/s)";
+  return o.str();
+}
+
+// ---- the crossover --------------------------------------------------------------------------------
+namespace {
+
+// Tokens from which the prefill kernels run instead of the decode kernel, per card. Each entry names
+// the measurement that chose it; the first entry whose key is part of the device name applies.
+struct CrossoverEntry {
+  const char* device_key;
+  int64_t prefill_from_tokens;
+  const char* source;
+};
+constexpr CrossoverEntry kCrossover[] = {
+    {"H200", 65, "initial rule: decode while one 64-token launch covers T; to be replaced by the measured crossover"},
+    {"H100", 65, "initial rule: decode while one 64-token launch covers T (no prefill measurement on the H100)"},
+};
+
+}  // namespace
+
+Crossover crossover(const MoeProblem&, const DeviceDesc& d) {
+  for (const CrossoverEntry& e : kCrossover)
+    if (d.name.find(e.device_key) != std::string::npos) return {e.prefill_from_tokens, e.source};
+  return {kCrossover[0].prefill_from_tokens, "no entry for this card: the first entry's value"};
+}
+
+// ---- tactic details -------------------------------------------------------------------------------
+namespace {
+
+// Warps that split K of one decode task. The K split fixes the order of the fp32 sums, so it depends
+// on the layer's shape only, never on T: a token's output must not depend on the rest of the batch.
+// Tuned for T = 1, where fixed costs dominate: estimated phase time = rounds of tasks over the teams
+// times (k-tiles per warp + a fixed per-task cost of about three k-tiles).
+int pick_team(int64_t tasks, int64_t tiles_per_task, int blocks) {
+  int best = 8;
+  double best_cost = 1e30;
+  for (int tw : {8, 4, 2, 1}) {
+    const int64_t teams = int64_t(blocks) * (kernels::kDecodeWarps / tw);
+    const double cost = double(ceil_div(tasks, teams)) * (double(tiles_per_task) / tw + 3.0);
+    if (cost < best_cost - 1e-9) {
+      best_cost = cost;
+      best = tw;
+    }
+  }
+  return best;
+}
+
+DecodeTactic plan_decode(const MoeProblem& p, const DeviceDesc& d, const PackedLayout& L) {
+  DecodeTactic t;
+  t.threads = kernels::kDecodeThreads;
+  t.chunks = ceil_div(p.tokens, kTokenChunk);
+  // Half of L2 for GEMM2's weights: the rest keeps the activations and the GEMM1 stream.
+  t.l2_prefetch_bytes = d.l2_bytes / 2;
+  const int slots = int(std::min<int64_t>(std::max<int64_t>(p.tokens, 1), kTokenChunk)) * p.top_k;
+  t.smem_bytes = size_t(kernels::SmemLayout::make(p.local_experts(), slots, p.num_experts).total);
+  FP4MOE_CHECK(t.smem_bytes <= d.smem_per_block,
+               "the decode kernel needs " << t.smem_bytes << " bytes of shared memory per block for this problem, "
+                                          << d.name << " allows " << d.smem_per_block << " (too many local experts?)");
+  // Blocks per SM: the kernel's launch bounds (2 for W4A16 at 128 registers, 1 for W4A4), then shared
+  // memory (1 KB per block is reserved by the hardware).
+  const int by_regs = p.input_mode == InputMode::w4a4 ? 1 : 2;
+  const int by_smem = int(d.smem_per_sm / (t.smem_bytes + 1024));
+  t.blocks = std::max(1, std::min(by_regs, by_smem)) * d.sms;
+  // Experts a single token touches on this rank: the tasks of each phase at T = 1.
+  const int64_t local_k = std::max<int64_t>(1, ceil_div(int64_t(p.top_k) * p.local_experts(), p.num_experts));
+  t.team_warps1 = pick_team(local_k * L.i_blocks, L.k_tiles13, t.blocks);
+  t.team_warps2 = pick_team(local_k * (L.m_tiles2 / kernels::kTask2Tiles), L.k_tiles2, t.blocks);
+  return t;
+}
+
+}  // namespace
+
+int64_t prefill_token_chunk(const MoeProblem& p) {
+  // Workspace per token, then the largest power of two in [1024, 16384] tokens whose workspace stays
+  // within 2 GiB (deepseek-v3: 4096 tokens, about 1.5 GB).
+  const int64_t per_token = kernels::PrefillWorkspace::make(1024, p.top_k, p.local_experts(), p.hidden,
+                                                            p.intermediate, kernels::kPrefillBlockN[0])
+                                .total /
+                            1024;
+  int64_t c = 16384;
+  while (c > 1024 && c * per_token > (int64_t(2) << 30)) c /= 2;
+  return c;
+}
+
+namespace {
+
+PrefillTactic plan_prefill(const MoeProblem& p, const DeviceDesc& d) {
+  PrefillTactic t;
+  t.block_m = kernels::kPrefillBlockM;
+  t.threads = kernels::kPrefillThreads;
+  t.token_chunk = std::min<int64_t>(std::max<int64_t>(p.tokens, 1), prefill_token_chunk(p));
+  t.passes = ceil_div(std::max<int64_t>(p.tokens, 1), t.token_chunk);
+  // Tokens per tile from the expected slots per local expert of one pass (uniform routing): wide tiles
+  // once experts receive enough tokens to fill them, narrow ones (less padding) below. Batch-invariant
+  // mode keeps one width for every T.
+  const double per_expert = double(t.token_chunk) * p.top_k / p.num_experts;
+  if (p.batch_invariant)
+    t.block_n = kernels::kPrefillBlockN[1];
+  else
+    t.block_n = per_expert >= 64 ? kernels::kPrefillBlockN[1] : kernels::kPrefillBlockN[0];
+  const size_t stage = kernels::prefill_stage_bytes(t.block_m, t.block_n, p.format);
+  const size_t avail = d.smem_per_block - kernels::kPrefillSmemReserve;
+  t.stages = int(std::min<size_t>(kernels::kPrefillMaxStages, avail / stage));
+  FP4MOE_CHECK(t.stages >= 2, "the prefill kernels need two pipeline stages of " << stage << " bytes; " << d.name
+                                                                                 << " allows " << d.smem_per_block);
+  t.smem_bytes = size_t(t.stages) * stage + kernels::kPrefillSmemReserve;
+  t.blocks = d.sms;
+  return t;
+}
+
+}  // namespace
+
+Plan make_plan(const MoeProblem& p, const DeviceDesc& d) {
+  p.validate();
+  FP4MOE_CHECK(d.sms > 0 && d.smem_per_block > 0 && d.smem_per_sm > 0,
+               "device description '" << d.name << "' lacks SM count or shared memory sizes");
+  const PackedLayout L =
+      PackedLayout::make(p.hidden, p.intermediate, p.local_experts(), p.format, p.gated(), p.has_bias);
+  Plan plan;
+  plan.sms = d.sms;
+  plan.device = d.name;
+  const Crossover c = crossover(p, d);
+  if (p.batch_invariant) {
+    plan.tactic = Tactic::prefill;
+    plan.reason = "batch_invariant: one kernel family (prefill) and one tile width for every T";
+  } else if (p.tokens >= c.prefill_from_tokens) {
+    plan.tactic = Tactic::prefill;
+    plan.reason = "T >= " + std::to_string(c.prefill_from_tokens) + " (" + c.source + ")";
+  } else {
+    plan.tactic = Tactic::decode;
+    plan.reason = "T < " + std::to_string(c.prefill_from_tokens) + " (" + c.source + ")";
+  }
+  if (plan.tactic == Tactic::decode)
+    plan.decode = plan_decode(p, d, L);
+  else
+    plan.prefill = plan_prefill(p, d);
+
+  // Estimates under uniform routing: distinct local experts touched, their bytes, the routed FLOPs.
+  const double T = double(p.tokens), E = p.num_experts, local = p.local_experts();
+  const double touched = local * (1.0 - std::pow(1.0 - double(p.top_k) / E, T));
+  plan.weight_bytes = int64_t(touched * double(L.checkpoint_bytes_per_expert()));
+  const double local_slots = T * p.top_k * local / E;
+  plan.flops = 2.0 * local_slots * (double(p.w13_rows()) * p.hidden + double(p.hidden) * p.intermediate);
+  if (d.hbm_bytes_per_s > 0) plan.byte_floor_us = double(plan.weight_bytes) / d.hbm_bytes_per_s * 1e6;
+  if (d.bf16_flops > 0) plan.compute_floor_us = plan.flops / d.bf16_flops * 1e6;
+  return plan;
+}
+
+Plan make_plan(const MoeProblem& p) {
+  static std::mutex mu;
+  static std::set<std::string> logged;
+  static const bool log_plans = [] {
+    const char* env = std::getenv("FP4MOE_LOG_PLAN");
+    return env != nullptr && env[0] == '1';
+  }();
+  const Plan plan = make_plan(p, DeviceDesc::current());
+  if (log_plans) {
+    std::lock_guard<std::mutex> lock(mu);
+    std::string key = p.to_string() + plan.to_string();
+    if (logged.insert(key).second) std::fprintf(stderr, "fp4moe: %s -> %s\n", p.to_string().c_str(), plan.to_string().c_str());
+  }
+  return plan;
+}
+
+std::string Plan::to_string() const {
+  ::fp4moe::detail::Message o;
+  o << "plan{" << fp4moe::to_string(tactic) << " sms=" << sms;
+  if (tactic == Tactic::decode) {
+    o << " blocks=" << decode.blocks << " threads=" << decode.threads << " team1=" << decode.team_warps1
+      << " team2=" << decode.team_warps2 << " chunks=" << decode.chunks << " smem=" << decode.smem_bytes
+      << " l2_prefetch=" << decode.l2_prefetch_bytes;
+  } else {
+    o << " tile=" << prefill.block_m << "x" << prefill.block_n << " stages=" << prefill.stages
+      << " blocks=" << prefill.blocks << " threads=" << prefill.threads << " smem=" << prefill.smem_bytes
+      << " token_chunk=" << prefill.token_chunk << " passes=" << prefill.passes;
+  }
+  o << " est_bytes=" << weight_bytes << " est_floor_us=" << std::max(byte_floor_us, compute_floor_us) << "}";
+  return o.str();
+}
+
+}  // namespace fp4moe

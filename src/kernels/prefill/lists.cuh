@@ -1,0 +1,237 @@
+// The prefill path around the two grouped GEMMs: routing, per-expert token lists, the gather of token
+// rows into GEMM1's operand, and the finalize. One pass covers up to PrefillTactic::token_chunk tokens:
+//
+//   route     one warp per token (routing.cuh), unless the caller passed top-k ids     -> ids, tw
+//   count     slots per local expert in each chunk of kListChunk slots                  -> hist
+//   scan      one block: per-expert totals and starts, each chunk's first row per
+//             expert, and the token tiles (expert, first row, rows) in expert order      -> tiles
+//   place     stable sort of the slots by (local expert, slot index)                   -> row_slot, slot_row
+//   gather    xs[row] = the slot's token row, K permuted per 64 columns like the packed
+//             weights (W4A4: quantized to NVFP4 with the slot's expert input scale)
+//   finalize  out[t, h] = sum over the token's local slots, in slot order, of w * (y + b2)
+//
+// Every list is deterministic (counts, prefix sums and a stable fill; the only atomics are shared-
+// memory counters whose final values do not depend on order), so the rows each expert's GEMM sees,
+// and the order of every sum, depend on the routing only.
+#pragma once
+#include <cub/block/block_scan.cuh>
+#include <cuda_bf16.h>
+
+#include "kernels/common/fragments.cuh"
+#include "kernels/common/routing.cuh"
+#include "kernels/prefill/params.h"
+
+namespace fp4moe::kernels {
+
+template <class T>
+__device__ __forceinline__ T* ws_ptr(const PrefillParams& p, int64_t off) {
+  return reinterpret_cast<T*>(p.ws + off);
+}
+
+// Local expert of slot s, or -1 when it is routed to another rank or out of range.
+__device__ __forceinline__ int local_expert(const PrefillParams& p, int64_t s) {
+  const int e = p.ids[s] - p.local_offset;
+  return (e >= 0 && e < p.num_local) ? e : -1;
+}
+
+// ---- route: one warp per token --------------------------------------------------------------------
+__global__ void __launch_bounds__(kPrefillRouteWarps * 32) prefill_route_kernel(const __grid_constant__ PrefillParams p) {
+  extern __shared__ float route_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int t = blockIdx.x * kPrefillRouteWarps + warp;
+  if (t >= p.T) return;
+  float* sel = route_smem + warp * 2 * p.E;
+  route_token(p, t, sel, sel + p.E, lane, p.ids_out, p.tw_out);
+}
+
+// ---- count: slots per local expert of each chunk --------------------------------------------------
+__global__ void __launch_bounds__(kListChunk) prefill_count_kernel(const __grid_constant__ PrefillParams p) {
+  extern __shared__ int cnt[];
+  for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+  const int64_t s = int64_t(blockIdx.x) * kListChunk + threadIdx.x;
+  if (s < int64_t(p.T) * p.k) {
+    const int e = local_expert(p, s);
+    if (e >= 0) atomicAdd(&cnt[e], 1);
+  }
+  __syncthreads();
+  int* hist = ws_ptr<int>(p, p.W.hist_off) + int64_t(blockIdx.x) * p.num_local;
+  for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) hist[e] = cnt[e];
+}
+
+// ---- scan: totals, starts, chunk bases and the token tiles (one block) -----------------------------
+constexpr int kScanThreads = 1024;
+
+__global__ void __launch_bounds__(kScanThreads) prefill_scan_kernel(const __grid_constant__ PrefillParams p) {
+  using Scan = cub::BlockScan<int, kScanThreads>;
+  __shared__ typename Scan::TempStorage scan_rows, scan_tiles;
+  const int NL = p.num_local, chunks = p.W.chunks, BN = p.block_n;
+  int* hist = ws_ptr<int>(p, p.W.hist_off);
+  int* count = ws_ptr<int>(p, p.W.count_off);
+  int* start = ws_ptr<int>(p, p.W.start_off);
+  PrefillTile* tiles = ws_ptr<PrefillTile>(p, p.W.tiles_off);
+  int* misc = ws_ptr<int>(p, p.W.misc_off);
+  // Per expert: each chunk's offset among the expert's slots (in place), and the total.
+  // NOTES: eight loads in flight per round; a plain read-modify-write loop waits one L2 latency per chunk.
+  for (int e = threadIdx.x; e < NL; e += blockDim.x) {
+    int run = 0;
+    for (int b0 = 0; b0 < chunks; b0 += 8) {
+      int h[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) h[u] = b0 + u < chunks ? hist[int64_t(b0 + u) * NL + e] : 0;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (b0 + u < chunks) hist[int64_t(b0 + u) * NL + e] = run;
+        run += h[u];
+      }
+    }
+    count[e] = run;
+  }
+  __syncthreads();
+  // Experts [e0, e1) per thread, in order: rows and tiles before them by two block scans.
+  const int per = (NL + kScanThreads - 1) / kScanThreads;
+  const int e0 = min(NL, int(threadIdx.x) * per), e1 = min(NL, e0 + per);
+  int rows = 0, ntiles = 0;
+  for (int e = e0; e < e1; ++e) {
+    rows += count[e];
+    ntiles += (count[e] + BN - 1) / BN;
+  }
+  int rows_before, tiles_before, rows_total, tiles_total;
+  Scan(scan_rows).ExclusiveSum(rows, rows_before, rows_total);
+  Scan(scan_tiles).ExclusiveSum(ntiles, tiles_before, tiles_total);
+  for (int e = e0; e < e1; ++e) {
+    start[e] = rows_before;
+    for (int r = 0; r < count[e]; r += BN) tiles[tiles_before++] = PrefillTile{e, rows_before + r, min(BN, count[e] - r), 0};
+    rows_before += count[e];
+  }
+  if (threadIdx.x == 0) {
+    start[NL] = rows_total;
+    misc[0] = tiles_total;
+  }
+}
+
+// ---- place: stable fill of the sorted rows ---------------------------------------------------------
+// Block b sorts its chunk: warp w takes slots [32 w, 32 w + 32) of the chunk; a slot's row is the
+// expert's start + the chunk's offset for the expert + the expert's slots in earlier warps + its rank
+// among equal experts in its own warp.
+__global__ void __launch_bounds__(kListChunk) prefill_place_kernel(const __grid_constant__ PrefillParams p) {
+  extern __shared__ int warp_hist[];  // [kListChunk / 32][num_local]
+  constexpr int W = kListChunk / 32;
+  const int NL = p.num_local, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = threadIdx.x; i < W * NL; i += blockDim.x) warp_hist[i] = 0;
+  __syncthreads();
+  const int64_t nslots = int64_t(p.T) * p.k;
+  const int64_t s = int64_t(blockIdx.x) * kListChunk + threadIdx.x;
+  const int e = s < nslots ? local_expert(p, s) : -1;
+  const unsigned peers = __match_any_sync(0xffffffffu, e);
+  const int rank = __popc(peers & ((1u << lane) - 1));
+  if (e >= 0 && rank == 0) warp_hist[warp * NL + e] = __popc(peers);
+  __syncthreads();
+  int* slot_row = ws_ptr<int>(p, p.W.slot_row_off);
+  if (e >= 0) {
+    int before = 0;
+    for (int w = 0; w < warp; ++w) before += warp_hist[w * NL + e];
+    const int row = ws_ptr<int>(p, p.W.start_off)[e] + ws_ptr<int>(p, p.W.hist_off)[int64_t(blockIdx.x) * NL + e] +
+                    before + rank;
+    ws_ptr<int>(p, p.W.row_slot_off)[row] = int(s);
+    slot_row[s] = row;
+  } else if (s < nslots) {
+    slot_row[s] = -1;
+  }
+}
+
+// ---- gather: GEMM1's B operand ---------------------------------------------------------------------
+// One thread per (sorted row, 64-column tile). Column c = 16 q + 4 j + r of a tile goes to position
+// 16 j + (r < 2 ? 2 q + r : 8 + 2 q + r - 2): k-step j of the packed weights (fragments.cuh) holds
+// columns 16 q + 4 j + {0, 1} as mma k 2q, 2q + 1 and + {2, 3} as 2q + 8, 2q + 9. In 32-bit pairs:
+// out pair 8 j + m <- in pair 8 (m % 4) + 2 j + m / 4.
+__device__ __forceinline__ void permute_tile(const uint32_t (&in)[32], uint32_t (&out)[32]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int m = 0; m < 8; ++m) out[8 * j + m] = in[8 * (m % 4) + 2 * j + m / 4];
+}
+
+__global__ void __launch_bounds__(256) prefill_gather_kernel(const __grid_constant__ PrefillParams p) {
+  const int KT = p.W.h_pad / kTileCols;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = idx / KT;
+  const int kt = int(idx % KT);
+  if (row >= ws_ptr<int>(p, p.W.start_off)[p.num_local]) return;
+  const int slot = ws_ptr<int>(p, p.W.row_slot_off)[row];
+  const int t = slot / p.k;
+  const __nv_bfloat16* src = p.x + int64_t(t) * p.H + kt * kTileCols;
+  uint4 v[8];
+#pragma unroll
+  for (int u = 0; u < 8; ++u)
+    v[u] = (kt * kTileCols + 8 * u < p.H) ? ldg_cached(src + 8 * u) : make_uint4(0, 0, 0, 0);
+  if (p.w4a4) {
+    const int e = local_expert(p, slot);
+    const float g = reinterpret_cast<const MatrixScales*>(p.wts + p.L.scales_off)[e].in13;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      uint4 blk[2] = {v[2 * b], v[2 * b + 1]};
+      fake_quant_block(blk, g);
+      v[2 * b] = blk[0];
+      v[2 * b + 1] = blk[1];
+    }
+  }
+  uint32_t in[32], out[32];
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    in[4 * u] = v[u].x;
+    in[4 * u + 1] = v[u].y;
+    in[4 * u + 2] = v[u].z;
+    in[4 * u + 3] = v[u].w;
+  }
+  permute_tile(in, out);
+  uint4* dst = reinterpret_cast<uint4*>(ws_ptr<__nv_bfloat16>(p, p.W.xs_off) + row * p.W.h_pad + kt * kTileCols);
+#pragma unroll
+  for (int u = 0; u < 8; ++u) dst[u] = make_uint4(out[4 * u], out[4 * u + 1], out[4 * u + 2], out[4 * u + 3]);
+}
+
+// Position of intermediate index i in a K-permuted activation row (the same map as the gather).
+__device__ __forceinline__ int permuted_col(int i) {
+  const int c = i % kTileCols, q = c / 16, j = (c % 16) / 4, r = c % 4;
+  return i - c + 16 * j + (r < 2 ? 2 * q + r : 8 + 2 * q + r - 2);
+}
+
+// ---- finalize ----------------------------------------------------------------------------------------
+// out[t, h..h+3] = sum over the token's local slots j, in slot order, of w_j * (y[row_j, h] + b2[e_j, h]).
+__global__ void __launch_bounds__(256) prefill_finalize_kernel(const __grid_constant__ PrefillParams p) {
+  const int H4 = p.H / 4;
+  const int64_t n = int64_t(p.T) * H4;
+  const float* y = ws_ptr<float>(p, p.W.y_off);
+  const int* slot_row = ws_ptr<int>(p, p.W.slot_row_off);
+  const float* b2 = p.L.has_bias ? reinterpret_cast<const float*>(p.wts + p.L.b2_off) : nullptr;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / H4;
+    const int h = int(idx % H4) * 4;
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < p.k; ++j) {
+      const int64_t slot = t * p.k + j;
+      const int row = slot_row[slot];
+      if (row < 0) continue;
+      const float w = p.method == RoutingMethod::llama4 ? 1.0f : p.tw[slot];
+      float4 yv = __ldcg(reinterpret_cast<const float4*>(y + int64_t(row) * p.H + h));
+      if (b2 != nullptr) {
+        const float4 bv = *reinterpret_cast<const float4*>(b2 + int64_t(local_expert(p, slot)) * p.H + h);
+        yv.x += bv.x;
+        yv.y += bv.y;
+        yv.z += bv.z;
+        yv.w += bv.w;
+      }
+      v[0] += w * yv.x;
+      v[1] += w * yv.y;
+      v[2] += w * yv.z;
+      v[3] += w * yv.w;
+    }
+    __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
+    uint2 o;
+    o.x = *reinterpret_cast<uint32_t*>(&lo);
+    o.y = *reinterpret_cast<uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(p.out + t * p.H + h) = o;
+  }
+}
+
+}  // namespace fp4moe::kernels
