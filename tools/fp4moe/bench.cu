@@ -278,11 +278,7 @@ void bench(Options o) {
       std::vector<Dev<int32_t>> dev_ids;
       std::vector<Dev<float>> dev_tw;
       // The problem the layer runs: the preset's routing on the device, or its result passed in.
-      MoeProblem prun = p;
-      if (o.precomputed) {
-        prun.routing.method = RoutingMethod::precomputed;
-        prun.routing.has_bias = false;
-      }
+      const MoeProblem prun = o.precomputed ? p.with_precomputed_routing() : p;
       for (int c = 0; c < copies; ++c) {
         host_logits.push_back(make_logits(p, o.routing, o.seed * 7919 + uint64_t(c) * 104729 + uint64_t(T)));
         std::vector<uint16_t> x(size_t(T) * p.hidden);
