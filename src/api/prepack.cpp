@@ -207,11 +207,13 @@ PackedWeights prepack(const MoeProblem& p, const MoeWeights& w) {
     }
   });
 
+  const bool w4a4 = p.input_mode == InputMode::w4a4;
   for (int e = 0; e < E; ++e) {
     const ExpertWeights& x = w.experts[size_t(e)];
     const float global[3] = {p.gated() ? x.gate.global_scale : 0.0f, x.up.global_scale, x.down.global_scale};
     const MatrixScales ms =
-        pack::matrix_scales(p.format, p.gated(), global, offsets[size_t(e)].data(), x.input_scale13, x.input_scale2);
+        pack::matrix_scales(p.format, p.gated(), global, offsets[size_t(e)].data(), w4a4 ? x.input_scale13 : 1.0f,
+                            w4a4 ? x.input_scale2 : 1.0f);  // unused by W4A16: packed as 1, like the GPU prepack
     std::memcpy(base + L.scales_off + e * int64_t(sizeof(MatrixScales)), &ms, sizeof ms);
     if (p.has_bias) {
       float* b13 = reinterpret_cast<float*>(base + L.b13_off) + e * L.b13_expert_floats();

@@ -224,7 +224,7 @@ TEST(PrepackDeviceErrors, NaNScalesNameExpertMatrixRowBlock) {
       if (f == Format::nvfp4 && l.gate_up == GateUpLayout::interleaved) continue;
       MoeProblem p = base(256, 96, 5, 2, f);
       MoeWeights w = random_weights(p, 9);
-      const uint8_t nan = f == Format::nvfp4 ? 0xFF : 0xFF;
+      const uint8_t nan = 0xFF;  // E4M3 and E8M0 NaN
       const int64_t kc = w.experts[3].up.scale_cols();
       w.experts[3].up.scales[size_t(7 * kc + 2)] = nan;   // expert 3 up row 7 block 2
       w.experts[3].down.scales[0] = nan;                  // later in order
@@ -233,7 +233,8 @@ TEST(PrepackDeviceErrors, NaNScalesNameExpertMatrixRowBlock) {
       DeviceLayer d = upload_layer(p, w, l);
       const std::string dev = error_of([&] { prepack_device(p, d.in, nullptr); });
       EXPECT_NE(host.find("expert 3 up: block scale of row 7, block 2"), std::string::npos) << host;
-      EXPECT_EQ(host, dev);
+      // The same sentence (the source location after it differs: each path reports where it checked).
+      EXPECT_EQ(host.substr(0, host.find(" [")), dev.substr(0, dev.find(" [")));
     }
   }
 }
