@@ -87,3 +87,49 @@ def test_argument_checks(tgm):
     for bad in (["--gemm-size", "100"], ["--tokens", "0"], ["--reps", "10"], ["--preset", "nope"]):
         with pytest.raises(SystemExit):
             tgm.parse_args(bad)
+
+
+# ---- bench/suite_summary.py over a fabricated out dir (the files fp4moe bench and the suite write) ----
+
+FP4MOE_COLUMNS = ("preset,tokens,tactic,experts,bytes,median_us,min_us,max_us,tbps,floor_us,ratio,flops,compute_us,"
+                  "roofline_us,roofline_ratio,tflops,rel_err,torch_us,copies,bf16_tflops,card")
+
+
+def fp4moe_row(preset, T, median, ratio, roof_x, tflops, torch_us=""):
+    return f"{preset},{T},prefill,128.0,1e9,{median},{median},{median},1.0,1.0,{ratio},1e12,1.0,1.0,{roof_x},{tflops},1e-3,{torch_us},1,800.0,NVIDIA H200"
+
+
+@pytest.fixture(scope="module")
+def summary():
+    spec = importlib.util.spec_from_file_location("suite_summary", ROOT / "bench" / "suite_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_suite_summary(summary, tmp_path):
+    (tmp_path / "card.txt").write_text("name, driver_version\nNVIDIA H200, 580.1\n")
+    (tmp_path / "fp4moe.csv").write_text("\n".join([FP4MOE_COLUMNS, fp4moe_row("deepseek-v3", 1, 100.0, 1.5, 1.5, 0.1, 350.0),
+                                                    fp4moe_row("deepseek-v3", 64, 2000.0, 1.2, 1.2, 10.0, 7000.0)]) + "\n")
+    (tmp_path / "prefill.csv").write_text("\n".join([
+        FP4MOE_COLUMNS,
+        fp4moe_row("deepseek-v3", 1024, 1800.0, 1.2, 1.2, 400.0, 9000.0),
+        fp4moe_row("deepseek-v3", 4096, 5000.0, 2.0, 1.3, 580.0, 30000.0),  # misses 1.25x, meets 60% (580 of 800)
+        fp4moe_row("deepseek-v3", 16384, 18000.0, 2.0, 1.2, 640.0, 100.0),  # slower than torch
+    ]) + "\n")
+    (tmp_path / "batch_invariant.csv").write_text("\n".join([FP4MOE_COLUMNS, fp4moe_row("deepseek-v3", 1, 150.0, 2, 2, 0.1),
+                                                             fp4moe_row("deepseek-v3", 4096, 5500.0, 2, 1.4, 500)]) + "\n")
+    (tmp_path / "crossover.txt").write_text("preset T ...\n\n# deepseek-v3: prefill wins at every measured T >= 64; "
+                                            "planner switches at T = 65 (x); planner disagrees at T = 64\n")
+    (tmp_path / "steps.txt").write_text("torch 20 s  exit 0\nprefill 50 s  exit 1\ntotal 300 s\n")
+    text = "\n".join(summary.summarize(tmp_path))
+    assert "card: NVIDIA H200, 580.1" in text
+    assert "deepseek-v3" in text and "1.20..1.50" in text  # decode ratios
+    assert "3.50..3.50x" not in text and "3.50x" in text    # torch speedups 3.5 and 3.5
+    assert "prefill targets met: 6 of 8" in text, text
+    assert "missed: deepseek-v3 T=4096 layer <= 1.25x roofline (measured 1.30)" in text
+    assert "missed: deepseek-v3 T=4096 >= 60% of the bf16 rate (measured 0.72)" not in text
+    assert "missed: deepseek-v3 T=16384 faster than torch bf16 (measured 0.01)" in text
+    assert "deepseek-v3 T=1 1.50x" in text and "deepseek-v3 T=4096 1.10x" in text
+    assert "prefill wins at every measured T >= 64" in text
+    assert "300 s in all; FAILED: prefill" in text
