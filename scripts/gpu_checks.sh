@@ -16,6 +16,11 @@ step "compute-sanitizer memcheck" compute-sanitizer --tool memcheck --error-exit
   "$build/fp4moe_gpu_tests" --gtest_filter="$small" --gtest_brief=1
 step "compute-sanitizer racecheck" compute-sanitizer --tool racecheck --error-exitcode 3 \
   "$build/fp4moe_gpu_tests" --gtest_filter='Cases/DecodeVsReference.MatchesReference/nvfp4_swiglu_T17' --gtest_brief=1
+prefill_small='Cases/PrefillVsReference.MatchesReference/nvfp4_swiglu_T65:Cases/PrefillVsReference.MatchesReference/mxfp4_oai_bias_T65:Cases/PrefillVsReference.MatchesReference/nvfp4_w4a4_T300:Prefill.OutOfRangeDeviceIdsAreIgnored'
+step "compute-sanitizer memcheck (prefill)" compute-sanitizer --tool memcheck --error-exitcode 3 \
+  "$build/fp4moe_gpu_tests" --gtest_filter="$prefill_small" --gtest_brief=1
+step "compute-sanitizer racecheck (prefill)" compute-sanitizer --tool racecheck --error-exitcode 3 \
+  "$build/fp4moe_gpu_tests" --gtest_filter='Cases/PrefillVsReference.MatchesReference/nvfp4_swiglu_T65' --gtest_brief=1
 step "compute-sanitizer synccheck" compute-sanitizer --tool synccheck --error-exitcode 3 \
   "$build/fp4moe_gpu_tests" --gtest_filter='Cases/DecodeVsReference.MatchesReference/nvfp4_swiglu_T17' --gtest_brief=1
 

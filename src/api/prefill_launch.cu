@@ -193,7 +193,9 @@ void launch_prefill(const MoeProblem& p, const PrefillTactic& t, const DeviceWei
     launch(kernels::prefill_scan_kernel, 1, kernels::kScanThreads, 0, stream, kp);
     launch(kernels::prefill_place_kernel, kp.W.chunks, kernels::kListChunk,
            size_t(NL) * 4 * (kernels::kListChunk / 32), stream, kp);
-    launch(kernels::prefill_gather_kernel, int(ceil_div(slots * (kp.W.h_pad / kTileCols), 256)), 256, 0, stream, kp);
+    const int64_t segments = slots * ceil_div(kp.W.h_pad / kTileCols, 4);
+    launch(kernels::prefill_gather_kernel, int(ceil_div(segments, kernels::kGatherWarps)), kernels::kGatherWarps * 32, 0,
+           stream, kp);
     launch(gemm1, t.blocks, t.threads, t.smem_bytes, stream, kp, a13, s13, b13, t.stages);
     launch(gemm2, t.blocks, t.threads, t.smem_bytes, stream, kp, a2, s2, b2, t.stages);
     const int64_t fin = int64_t(Tp) * (p.hidden / 4);

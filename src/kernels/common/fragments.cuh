@@ -54,6 +54,18 @@ __device__ __forceinline__ void dequant_word(uint32_t w, uint32_t s_lo, uint32_t
   a[3] = bf16x2_mul(e2m1_pair<3>(w), s_hi);
 }
 
+// The lane's four A fragments (k16 steps 0..3) of one packed (m-tile, k-tile): its 16 weight bytes
+// and its two scale bytes (read at lane_scale_offset).
+template <Format F>
+__device__ __forceinline__ void dequant_tile(const uint4& w, uint32_t scale_bytes, uint32_t (&a)[4][4]) {
+  uint32_t s_lo, s_hi;
+  scale_pairs<F>(scale_bytes, s_lo, s_hi);
+  dequant_word(w.x, s_lo, s_hi, a[0]);
+  dequant_word(w.y, s_lo, s_hi, a[1]);
+  dequant_word(w.z, s_lo, s_hi, a[2]);
+  dequant_word(w.w, s_lo, s_hi, a[3]);
+}
+
 __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "

@@ -72,12 +72,18 @@ __global__ void __launch_bounds__(kScanThreads) prefill_scan_kernel(const __grid
   PrefillTile* tiles = ws_ptr<PrefillTile>(p, p.W.tiles_off);
   int* misc = ws_ptr<int>(p, p.W.misc_off);
   // Per expert: each chunk's offset among the expert's slots (in place), and the total.
+  // NOTES: eight loads in flight per round; a plain read-modify-write loop waits one L2 latency per chunk.
   for (int e = threadIdx.x; e < NL; e += blockDim.x) {
     int run = 0;
-    for (int b = 0; b < chunks; ++b) {
-      const int h = hist[int64_t(b) * NL + e];
-      hist[int64_t(b) * NL + e] = run;
-      run += h;
+    for (int b0 = 0; b0 < chunks; b0 += 8) {
+      int h[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) h[u] = b0 + u < chunks ? hist[int64_t(b0 + u) * NL + e] : 0;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (b0 + u < chunks) hist[int64_t(b0 + u) * NL + e] = run;
+        run += h[u];
+      }
     }
     count[e] = run;
   }
@@ -135,53 +141,46 @@ __global__ void __launch_bounds__(kListChunk) prefill_place_kernel(const __grid_
 }
 
 // ---- gather: GEMM1's B operand ---------------------------------------------------------------------
-// One thread per (sorted row, 64-column tile). Column c = 16 q + 4 j + r of a tile goes to position
-// 16 j + (r < 2 ? 2 q + r : 8 + 2 q + r - 2): k-step j of the packed weights (fragments.cuh) holds
-// columns 16 q + 4 j + {0, 1} as mma k 2q, 2q + 1 and + {2, 3} as 2q + 8, 2q + 9. In 32-bit pairs:
-// out pair 8 j + m <- in pair 8 (m % 4) + 2 j + m / 4.
-__device__ __forceinline__ void permute_tile(const uint32_t (&in)[32], uint32_t (&out)[32]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int m = 0; m < 8; ++m) out[8 * j + m] = in[8 * (m % 4) + 2 * j + m / 4];
-}
+// Column c = 16 q + 4 j + r of a 64-column tile goes to position 16 j + (r < 2 ? 2 q + r : 8 + 2 q + r - 2):
+// k-step j of the packed weights (fragments.cuh) holds columns 16 q + 4 j + {0, 1} as mma k 2q, 2q + 1
+// and + {2, 3} as 2q + 8, 2q + 9. In 32-bit words (column pairs) of a tile: output word 4 u + r (16-byte
+// chunk u, word r) is input word 8 r + u, i.e. word u % 4 of input chunk 2 r + u / 4.
+// A warp moves 4 tiles (512 bytes) of one sorted row: lane l loads chunk l % 8 of tile l / 8 coalesced,
+// (W4A4: quantizes its NVFP4 block with the neighbouring lane), and stores chunk l % 8 of the permuted
+// tile, collecting its four words through shared memory.
+constexpr int kGatherWarps = 8;
 
-__global__ void __launch_bounds__(256) prefill_gather_kernel(const __grid_constant__ PrefillParams p) {
-  const int KT = p.W.h_pad / kTileCols;
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t row = idx / KT;
-  const int kt = int(idx % KT);
-  if (row >= ws_ptr<int>(p, p.W.start_off)[p.num_local]) return;
+__global__ void __launch_bounds__(kGatherWarps * 32) prefill_gather_kernel(const __grid_constant__ PrefillParams p) {
+  __shared__ uint4 stage[kGatherWarps][4][9];  // [warp][tile][chunk], padded against bank conflicts
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tl = lane / 8, u = lane % 8;
+  const int KT = p.W.h_pad / kTileCols, groups = (KT + 3) / 4;
+  const int64_t seg = int64_t(blockIdx.x) * kGatherWarps + warp;
+  const int64_t row = seg / groups;
+  const int kt = int(seg % groups) * 4 + tl;
+  if (row >= ws_ptr<int>(p, p.W.start_off)[p.num_local]) return;  // whole warps leave together
   const int slot = ws_ptr<int>(p, p.W.row_slot_off)[row];
-  const int t = slot / p.k;
-  const __nv_bfloat16* src = p.x + int64_t(t) * p.H + kt * kTileCols;
-  uint4 v[8];
-#pragma unroll
-  for (int u = 0; u < 8; ++u)
-    v[u] = (kt * kTileCols + 8 * u < p.H) ? ldg_cached(src + 8 * u) : make_uint4(0, 0, 0, 0);
+  const int col = kt * kTileCols + 8 * u;
+  uint4 v = (kt < KT && col < p.H) ? ldg_cached(p.x + int64_t(slot / p.k) * p.H + col) : make_uint4(0, 0, 0, 0);
   if (p.w4a4) {
     const int e = local_expert(p, slot);
     const float g = reinterpret_cast<const MatrixScales*>(p.wts + p.L.scales_off)[e].in13;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      uint4 blk[2] = {v[2 * b], v[2 * b + 1]};
-      fake_quant_block(blk, g);
-      v[2 * b] = blk[0];
-      v[2 * b + 1] = blk[1];
-    }
+    uint4 blk[2];
+    const uint4 other = make_uint4(__shfl_xor_sync(0xffffffffu, v.x, 1), __shfl_xor_sync(0xffffffffu, v.y, 1),
+                                   __shfl_xor_sync(0xffffffffu, v.z, 1), __shfl_xor_sync(0xffffffffu, v.w, 1));
+    blk[0] = (u & 1) ? other : v;  // the block's first 8 columns, then its second 8
+    blk[1] = (u & 1) ? v : other;
+    fake_quant_block(blk, g);
+    v = blk[u & 1];
   }
-  uint32_t in[32], out[32];
+  stage[warp][tl][u] = v;
+  __syncwarp();
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(stage[warp][tl]);
+  uint32_t o[4];
 #pragma unroll
-  for (int u = 0; u < 8; ++u) {
-    in[4 * u] = v[u].x;
-    in[4 * u + 1] = v[u].y;
-    in[4 * u + 2] = v[u].z;
-    in[4 * u + 3] = v[u].w;
-  }
-  permute_tile(in, out);
-  uint4* dst = reinterpret_cast<uint4*>(ws_ptr<__nv_bfloat16>(p, p.W.xs_off) + row * p.W.h_pad + kt * kTileCols);
-#pragma unroll
-  for (int u = 0; u < 8; ++u) dst[u] = make_uint4(out[4 * u], out[4 * u + 1], out[4 * u + 2], out[4 * u + 3]);
+  for (int r = 0; r < 4; ++r) o[r] = words[(2 * r + u / 4) * 4 + u % 4];
+  if (kt < KT)
+    reinterpret_cast<uint4*>(ws_ptr<__nv_bfloat16>(p, p.W.xs_off) + row * p.W.h_pad + kt * kTileCols)[u] =
+        make_uint4(o[0], o[1], o[2], o[3]);
 }
 
 // Position of intermediate index i in a K-permuted activation row (the same map as the gather).

@@ -10,12 +10,12 @@
 
 namespace fp4moe::kernels {
 
-constexpr int kPrefillBlockM = 128;         // weight rows per tile: 8 m-tiles, 64 per consumer warpgroup
+constexpr int kPrefillBlockM = 256;         // weight rows per tile: 16 m-tiles, 2 x 64 per consumer warpgroup
 constexpr int kPrefillConsumers = 2;        // consumer warpgroups
 constexpr int kPrefillThreads = 128 * (1 + kPrefillConsumers);
 constexpr int kPrefillBlockN[2] = {32, 128};  // the token-tile widths compiled (wgmma N)
-constexpr int kPrefillMaxStages = 8;
-constexpr size_t kPrefillSmemReserve = 6144;  // 1 KB alignment slack, barriers, the W4A4 epilogue exchange (4 KB)
+constexpr int kPrefillMaxStages = 16;
+constexpr size_t kPrefillSmemReserve = 6144;  // 1 KB alignment slack, barriers (2 x 16 x 8 B), the W4A4 epilogue exchange (4 KB)
 constexpr int kPrefillRouteWarps = 8;       // tokens routed per block of the routing kernel
 
 // Shared-memory bytes of one pipeline stage (one k-tile of 64 columns): the B tile (block_n rows of
