@@ -208,8 +208,9 @@ TEST(PlanShapes, PrefillTilesAreCompiledAndWidenWithT) {
         const Plan plan = make_plan(at(p, T), d, Tactic::prefill);
         const PrefillTactic& t = plan.prefill;
         ASSERT_EQ(t.block_m, kernels::kPrefillBlockM) << name << " T=" << T;
-        // 64 weight rows per consumer warpgroup, one producer warpgroup.
-        ASSERT_EQ(t.threads, 128 * (1 + t.block_m / 64)) << name << " T=" << T;
+        // One producer warpgroup and the consumer warpgroups, each owning whole m64 wgmma rows.
+        ASSERT_EQ(t.threads, 128 * (1 + kernels::kPrefillConsumers)) << name << " T=" << T;
+        ASSERT_EQ(t.block_m % (64 * kernels::kPrefillConsumers), 0) << name << ": block_m " << t.block_m;
         ASSERT_TRUE(compiled.count(t.block_n)) << name << " T=" << T << ": block_n " << t.block_n;
         ASSERT_TRUE(t.block_n % 8 == 0 && t.block_n <= 256) << name << ": not a wgmma N: " << t.block_n;
         ASSERT_GE(t.block_n, last_n) << name << " T=" << T << ": the tile narrowed as T grew";
