@@ -10,7 +10,8 @@
 #   crossover.txt/.csv      both tactics at T = 16..256 per preset, the winner and the planner's choice
 #   plan.txt                `fp4moe plan` for the same presets and T on this card
 #   steps.txt, summary.txt  seconds per step; the short summary printed last
-# Usage: bench/device_suite.sh [build-dir] [out-dir]. Budget: about 5 minutes on an H200.
+# Usage: bench/device_suite.sh [build-dir] [out-dir]. Budget: about 5 minutes on an H200; a step that
+# runs past STEP_TIMEOUT seconds (default 300) is stopped and recorded as failed (exit 124).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/build}
@@ -22,9 +23,11 @@ prefill_tokens=128,256,512,1024,2048,4096,8192,16384
 bi_presets=qwen3-30b-a3b,deepseek-v3
 bi_tokens=1,64,128,1024,4096
 fp4moe=$build/fp4moe
+step_timeout=${STEP_TIMEOUT:-300}
 : > "$out/steps.txt"
 : > "$out/bench.err"
 suite_t0=$(date +%s)
+failed=0
 # step NAME CMD...: runs CMD, records its seconds and status in steps.txt, never stops the suite.
 step() {
   local name=$1 t0 rc
@@ -34,15 +37,16 @@ step() {
   "$@"
   rc=$?
   printf '%-22s %5d s  exit %d\n' "$name" $(($(date +%s) - t0)) "$rc" >> "$out/steps.txt"
-  [ "$rc" = 0 ] || echo "step $name failed (exit $rc): see $out" >&2
+  [ "$rc" = 0 ] || { echo "step $name failed (exit $rc): see $out" >&2; failed=1; }
   return 0
 }
 
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/card.txt"
-step plan "$fp4moe" plan --preset "$presets" --tokens "$decode_tokens,65,$prefill_tokens" > "$out/plan.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | tee "$out/card.txt"
+plan_to() { timeout "$step_timeout" "$fp4moe" plan "$@" > "$out/plan.txt" 2>&1; }
+step plan plan_to --preset "$presets" --tokens "$decode_tokens,65,$prefill_tokens"
 
 # The baseline once for every T (one weight setup per preset), then each fp4moe table beside it.
-step torch env PYTHONUNBUFFERED=1 python3 "$root/bench/torch_grouped_mm.py" --preset "$presets" \
+step torch timeout "$step_timeout" env PYTHONUNBUFFERED=1 python3 "$root/bench/torch_grouped_mm.py" --preset "$presets" \
   --tokens "$decode_tokens,$prefill_tokens" --csv "$out/torch.csv" > "$out/torch.log" 2>&1
 [ -s "$out/torch.csv" ] || echo "torch baseline failed: see torch.log" >&2
 torch_csv=()
@@ -52,12 +56,12 @@ torch_csv=()
 bench_to() {
   local file=$1
   shift
-  "$fp4moe" bench "$@" 2>>"$out/bench.err" | tee "$out/$file"
+  timeout "$step_timeout" "$fp4moe" bench "$@" 2>>"$out/bench.err" | tee "$out/$file"
 }
 timeline_to() {
   local file=$1
   shift
-  "$fp4moe" bench "$@" --timeline 2>&1 >/dev/null | grep timeline | tee "$out/$file"
+  timeout "$step_timeout" "$fp4moe" bench "$@" --timeline 2>&1 >/dev/null | grep timeline | tee "$out/$file"
 }
 
 step decode bench_to bench.txt --preset "$presets" --tokens "$decode_tokens" "${torch_csv[@]}" --csv "$out/fp4moe.csv"
@@ -76,3 +80,4 @@ step crossover bench_to crossover.txt --preset "$presets" --crossover --reps 50 
 
 printf '%-22s %5d s\n' total $(($(date +%s) - suite_t0)) >> "$out/steps.txt"
 python3 "$root/bench/suite_summary.py" "$out" | tee "$out/summary.txt"
+exit "$failed"  # 1 when a step failed (steps.txt names it)

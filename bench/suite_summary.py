@@ -45,9 +45,11 @@ def summarize(out):
     say = lines.append
     missing = []
     card = out / "card.txt"
-    if card.exists():
-        rows = card.read_text().strip().splitlines()
+    rows = card.read_text().strip().splitlines() if card.exists() else []
+    if rows:
         say("card: " + (rows[1] if len(rows) > 1 else rows[0]))
+    else:
+        missing.append("card.txt")
     for name, path in (("fp4moe", out / "bench.txt"), ("torch", out / "torch.log")):
         if path.exists():
             for l in path.read_text().splitlines():
