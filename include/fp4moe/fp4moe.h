@@ -5,6 +5,7 @@
 #include "fp4moe/layout.h"
 #include "fp4moe/moe.h"
 #include "fp4moe/plan.h"
+#include "fp4moe/prepack_device.h"
 #include "fp4moe/presets.h"
 #include "fp4moe/problem.h"
 #include "fp4moe/reference.h"

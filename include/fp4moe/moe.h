@@ -30,6 +30,8 @@ class DeviceWeights {
  public:
   DeviceWeights() = default;
   DeviceWeights(const PackedWeights& host, cudaStream_t stream = nullptr);
+  // Uninitialized device memory for `layout` (what prepack_device fills).
+  explicit DeviceWeights(const PackedLayout& layout);
   ~DeviceWeights();
   DeviceWeights(DeviceWeights&&) noexcept;
   DeviceWeights& operator=(DeviceWeights&&) noexcept;
@@ -38,6 +40,7 @@ class DeviceWeights {
 
   const PackedLayout& layout() const { return layout_; }
   const uint8_t* data() const { return data_; }
+  uint8_t* mutable_data() { return data_; }
 
  private:
   PackedLayout layout_;

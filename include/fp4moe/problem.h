@@ -8,12 +8,15 @@
 
 namespace fp4moe {
 
+// Routing options. A method reads only its own (table in docs/reference.md); every other option
+// must keep the default below, or MoeProblem::validate throws naming it.
 struct RoutingConfig {
   RoutingMethod method = RoutingMethod::softmax_topk;
-  bool renormalize = true;             // softmax_topk / sigmoid_topk: rescale the k weights to sum 1
+  bool renormalize = true;  // softmax_topk / sigmoid_topk / deepseek_v3: rescale the k weights to
+                            // sum 1 (deepseek_v3: the config's norm_topk_prob)
   int n_group = 1;                     // deepseek_v3: expert groups
   int topk_group = 1;                  // deepseek_v3: groups kept
-  float routed_scaling_factor = 1.0f;  // deepseek_v3: multiplies the normalized weights
+  float routed_scaling_factor = 1.0f;  // deepseek_v3: multiplies the (normalized) weights
   bool has_bias = false;  // topk_softmax: router bias; deepseek_v3: e_score_correction_bias ([E] fp32)
   DType logits_dtype = DType::f32;
 };
@@ -45,8 +48,11 @@ struct MoeProblem {
   bool gated() const { return is_gated(activation.kind); }
   int w13_rows() const { return gated() ? 2 * intermediate : intermediate; }
   // Throws fp4moe::Error naming the first inconsistent field (sizes, block multiples, ranges,
-  // routing parameters, W4A4 with MXFP4, ...).
+  // routing parameters and options the routing method does not use, W4A4 with MXFP4, ...).
   void validate() const;
+  // The same layer called with caller-computed topk_ids / topk_weights: routing method precomputed,
+  // every other routing option back to its default (the logits dtype is kept).
+  MoeProblem with_precomputed_routing() const;
   std::string to_string() const;
 };
 

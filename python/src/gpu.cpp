@@ -98,12 +98,9 @@ std::unique_ptr<GpuWeights> upload(const MoeProblem& p, const PackedWeights& pac
 // The per-call problem: T from the caller, routing precomputed when top-k ids are given, the logits
 // dtype from the logits.
 MoeProblem call_problem(const GpuWeights& g, int64_t tokens, bool precomputed, bool logits_bf16) {
-  MoeProblem p = g.problem;
+  MoeProblem p = precomputed ? g.problem.with_precomputed_routing() : g.problem;
   p.tokens = tokens;
-  if (precomputed) {
-    p.routing.method = RoutingMethod::precomputed;
-    p.routing.has_bias = false;  // the caller routed outside the layer: its router bias is unused
-  } else {
+  if (!precomputed) {
     FP4MOE_CHECK(p.routing.method != RoutingMethod::precomputed,
                  "these weights were uploaded for precomputed routing: pass topk_ids and "
                  "topk_weights");

@@ -216,11 +216,9 @@ HostCall host_call(const MoeProblem& problem, const std::optional<Array>& x, int
   if (topk_ids || topk_weights) {
     FP4MOE_CHECK(topk_ids && topk_weights, "pass topk_ids and topk_weights together");
     FP4MOE_CHECK(!logits, "pass either router logits or topk_ids / topk_weights, not both");
-    c.p.routing.method = RoutingMethod::precomputed;
-    // The caller routed outside the layer: a router bias of the problem's routing is simply unused.
     FP4MOE_CHECK(!router_bias, "router_bias is used by the routing on logits; with topk_ids / "
                                "topk_weights pass none");
-    c.p.routing.has_bias = false;
+    c.p = c.p.with_precomputed_routing();
     c.ids = to_vector<int32_t>(*topk_ids, "topk_ids", {T, k});
     c.weights = to_vector<float>(*topk_weights, "topk_weights", {T, k});
   } else {

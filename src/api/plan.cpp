@@ -158,7 +158,7 @@ int64_t prefill_token_chunk(const MoeProblem& p) {
   // Workspace per token, then the largest power of two in [1024, 16384] tokens whose workspace stays
   // within 2 GiB (deepseek-v3: 4096 tokens, about 1.5 GB).
   const int64_t per_token = kernels::PrefillWorkspace::make(1024, p.top_k, p.local_experts(), p.hidden,
-                                                            p.intermediate, kernels::kPrefillBlockN[0])
+                                                            p.intermediate, kernels::kPrefillTileBase)
                                 .total /
                             1024;
   int64_t c = 16384;
@@ -174,14 +174,9 @@ PrefillTactic plan_prefill(const MoeProblem& p, const DeviceDesc& d) {
   t.threads = kernels::kPrefillThreads;
   t.token_chunk = std::min<int64_t>(std::max<int64_t>(p.tokens, 1), prefill_token_chunk(p));
   t.passes = ceil_div(std::max<int64_t>(p.tokens, 1), t.token_chunk);
-  // Tokens per tile from the expected slots per local expert of one pass (uniform routing): wide tiles
-  // once experts receive enough tokens to fill them, narrow ones (less padding) below. Batch-invariant
-  // mode keeps one width for every T.
-  const double per_expert = double(t.token_chunk) * p.top_k / p.num_experts;
-  if (p.batch_invariant)
-    t.block_n = kernels::kPrefillBlockN[1];
-  else
-    t.block_n = per_expert >= 64 ? kernels::kPrefillBlockN[1] : kernels::kPrefillBlockN[0];
+  // Token tiles of up to kPrefillTileMax rows, each run at the narrowest wgmma width that holds it
+  // (params.h): the same for every T, so batch-invariant mode needs no other choice.
+  t.block_n = kernels::kPrefillTileMax;
   const size_t stage = kernels::prefill_stage_bytes(t.block_m, t.block_n, p.format);
   const size_t avail = d.smem_per_block - kernels::kPrefillSmemReserve;
   t.stages = int(std::min<size_t>(kernels::kPrefillMaxStages, avail / stage));

@@ -70,21 +70,18 @@ CUtensorMap rows_map(const void* base, int64_t rows, int cols, int box_rows, con
   return m;
 }
 
-using GemmFn = void (*)(PrefillParams, CUtensorMap, CUtensorMap, CUtensorMap, int);
+using GemmFn = void (*)(PrefillParams, CUtensorMap, CUtensorMap, kernels::BMaps, int);
 
-// The instantiation set: {NVFP4, MXFP4} x the two tile widths x {GEMM1, GEMM2}.
+// The instantiation set: {NVFP4, MXFP4} x {GEMM1, GEMM2}; the tile widths live inside each kernel.
 template <int PHASE>
-GemmFn pick_gemm(Format f, int block_n) {
+GemmFn pick_gemm(Format f) {
   using namespace kernels;
-  static_assert(kPrefillBlockN[0] == 32 && kPrefillBlockN[1] == 128, "pick_gemm lists the compiled tile widths");
-  if (f == Format::nvfp4) {
-    if (block_n == 32) return prefill_gemm_kernel<Format::nvfp4, 32, PHASE>;
-    if (block_n == 128) return prefill_gemm_kernel<Format::nvfp4, 128, PHASE>;
-  } else {
-    if (block_n == 32) return prefill_gemm_kernel<Format::mxfp4, 32, PHASE>;
-    if (block_n == 128) return prefill_gemm_kernel<Format::mxfp4, 128, PHASE>;
-  }
-  FP4MOE_FAIL("no prefill kernel for format " << to_string(f) << " with a tile width of " << block_n);
+  return f == Format::nvfp4 ? prefill_gemm_kernel<Format::nvfp4, PHASE> : prefill_gemm_kernel<Format::mxfp4, PHASE>;
+}
+
+kernels::BMaps b_maps(const void* base, int64_t rows, int cols, const char* what) {
+  return {rows_map(base, rows, cols, 32, what), rows_map(base, rows, cols, 64, what),
+          rows_map(base, rows, cols, kernels::kPrefillTileMax, what)};
 }
 
 // Raises a kernel's dynamic shared-memory limit (once per device and size).
@@ -113,9 +110,8 @@ void launch(void (*fn)(Args...), int grid, int block, size_t smem, cudaStream_t 
 
 size_t prefill_workspace_bytes(const MoeProblem& p) {
   const int64_t chunk = std::min<int64_t>(p.tokens, prefill_token_chunk(p));
-  // The narrowest tile width has the most tiles: its size covers every plan.
   return size_t(PrefillWorkspace::make(chunk, p.top_k, p.local_experts(), p.hidden, p.intermediate,
-                                       kernels::kPrefillBlockN[0])
+                                       kernels::kPrefillTileBase)
                     .total);
 }
 
@@ -153,10 +149,11 @@ void launch_prefill(const MoeProblem& p, const PrefillTactic& t, const DeviceWei
   kp.alpha = p.activation.alpha;
   kp.limit = p.activation.limit;
   kp.w4a4 = p.input_mode == InputMode::w4a4;
-  kp.block_n = t.block_n;
+  kp.tile_base = kernels::kPrefillTileBase;
+  kp.tile_max = kernels::kPrefillTileMax;
   kp.ws = static_cast<uint8_t*>(workspace);
 
-  const GemmFn gemm1 = pick_gemm<1>(p.format, t.block_n), gemm2 = pick_gemm<2>(p.format, t.block_n);
+  const GemmFn gemm1 = pick_gemm<1>(p.format), gemm2 = pick_gemm<2>(p.format);
   const int stile = scale_tile_bytes(p.format);
   const CUtensorMap a13 = packed_map(w.data() + L.w13_off, int64_t(NL) * L.m_tiles13, L.k_tiles13, kTileBytes, "W13 tiles");
   const CUtensorMap s13 = packed_map(w.data() + L.s13_off, int64_t(NL) * L.m_tiles13, L.k_tiles13, stile, "W13 scales");
@@ -166,7 +163,7 @@ void launch_prefill(const MoeProblem& p, const PrefillTactic& t, const DeviceWei
   for (int64_t t0 = 0; t0 < p.tokens; t0 += t.token_chunk) {
     const int Tp = int(std::min<int64_t>(t.token_chunk, p.tokens - t0));
     kp.T = Tp;
-    kp.W = PrefillWorkspace::make(Tp, p.top_k, NL, p.hidden, p.intermediate, t.block_n);
+    kp.W = PrefillWorkspace::make(Tp, p.top_k, NL, p.hidden, p.intermediate, kp.tile_base);
     kp.x = static_cast<const __nv_bfloat16*>(in.x) + t0 * p.hidden;
     kp.out = static_cast<__nv_bfloat16*>(in.out) + t0 * p.hidden;
     if (routed) {
@@ -183,8 +180,8 @@ void launch_prefill(const MoeProblem& p, const PrefillTactic& t, const DeviceWei
       kp.tw = in.topk_weights + t0 * p.top_k;
     }
     const int64_t slots = int64_t(Tp) * p.top_k;
-    const CUtensorMap b13 = rows_map(kp.ws + kp.W.xs_off, slots, kp.W.h_pad, t.block_n, "gathered tokens");
-    const CUtensorMap b2 = rows_map(kp.ws + kp.W.act_off, slots, kp.W.i_pad, t.block_n, "intermediate activations");
+    const kernels::BMaps b13 = b_maps(kp.ws + kp.W.xs_off, slots, kp.W.h_pad, "gathered tokens");
+    const kernels::BMaps b2 = b_maps(kp.ws + kp.W.act_off, slots, kp.W.i_pad, "intermediate activations");
 
     if (routed)
       launch(kernels::prefill_route_kernel, int(ceil_div(Tp, kernels::kPrefillRouteWarps)), kernels::kPrefillRouteWarps * 32,

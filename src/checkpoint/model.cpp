@@ -175,15 +175,20 @@ ModelSpec parse_model_spec(const std::string& dir, const ConfigText& config,
   };
   if (is({"deepseek_v3", "kimi_k2", "glm4_moe"}, "DeepseekV3") || has_architecture(root, "Glm4Moe")) {
     r.method = RoutingMethod::deepseek_v3;
-    r.n_group = get_int(cfg, {"n_group"}, path, 1);
-    r.topk_group = get_int(cfg, {"topk_group"}, path, 1);
-    r.routed_scaling_factor = get_float(cfg, "routed_scaling_factor", 1.0f, path);
-    if (!get_bool(cfg, "norm_topk_prob", true, path))
-      s.warnings.push_back(path + ": norm_topk_prob is false, but deepseek_v3 routing always "
-                                  "normalizes the top-k weights (SPEC); outputs may differ");
-  } else if (is({"qwen3_moe", "qwen2_moe", "qwen3_next"}, "Qwen3Moe")) {
+    // Missing fields take the defaults of transformers' config classes: DeepseekV3Config (also
+    // what Kimi-K2 loads as) groups 8 / 4 and scales by 2.5, Glm4MoeConfig neither; both
+    // normalize (norm_topk_prob true).
+    const bool glm = mt == "glm4_moe" || has_architecture(root, "Glm4Moe");
+    r.n_group = get_int(cfg, {"n_group"}, path, glm ? 1 : 8);
+    r.topk_group = get_int(cfg, {"topk_group"}, path, glm ? 1 : 4);
+    r.routed_scaling_factor = get_float(cfg, "routed_scaling_factor", glm ? 1.0f : 2.5f, path);
+    r.renormalize = get_bool(cfg, "norm_topk_prob", true, path);
+  } else if (is({"qwen3_moe", "qwen2_moe", "qwen3_next"}, "Qwen3Moe") ||
+             has_architecture(root, "Qwen2Moe") || has_architecture(root, "Qwen3Next")) {
     r.method = RoutingMethod::softmax_topk;
-    r.renormalize = get_bool(cfg, "norm_topk_prob", false, path);
+    // Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob to false, Qwen3NextConfig to true.
+    const bool next = mt == "qwen3_next" || has_architecture(root, "Qwen3Next");
+    r.renormalize = get_bool(cfg, "norm_topk_prob", next, path);
   } else if (is({"mixtral"}, "Mixtral")) {
     r.method = RoutingMethod::softmax_topk;
     r.renormalize = true;

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string_view>
 
 #include "fp4moe/error.h"
 
@@ -74,9 +75,37 @@ void MoeProblem::validate() const {
   }
 
   const RoutingConfig& r = routing;
+  const RoutingConfig unset{};
+  const std::string_view method = fp4moe::to_string(r.method);
+  // Options a method does not read must keep their defaults (RoutingConfig{}): a value that would
+  // change nothing is a caller's mistake, never silently ignored (docs/reference.md, "Routing
+  // options"). The method's own parameters are range-checked below.
+  const bool reads_renormalize = r.method == RoutingMethod::softmax_topk ||
+                                 r.method == RoutingMethod::sigmoid_topk ||
+                                 r.method == RoutingMethod::deepseek_v3;
+  const bool grouped = r.method == RoutingMethod::deepseek_v3;
   FP4MOE_CHECK(!r.has_bias || uses_router_bias(r.method),
-               "routing.has_bias is only used by topk_softmax and deepseek_v3, not by "
-                   << fp4moe::to_string(r.method));
+               "routing.has_bias (a router bias) is only used by topk_softmax and deepseek_v3, not by "
+                   << method);
+  if (!reads_renormalize && !r.renormalize) {
+    if (r.method == RoutingMethod::topk_softmax)
+      FP4MOE_FAIL("routing.renormalize = false is not supported by topk_softmax: its softmax over the "
+                  "k selected logits always sums to 1; leave renormalize at true");
+    if (r.method == RoutingMethod::llama4)
+      FP4MOE_FAIL("routing.renormalize is not an option of llama4 routing (one expert, weight "
+                  "sigmoid(logit), never normalized); leave it at its default (true), got false");
+    FP4MOE_FAIL("routing.renormalize is not an option of precomputed routing (the given weights are "
+                "used as they are); leave it at its default (true), got false");
+  }
+  if (!grouped) {
+    FP4MOE_CHECK(r.n_group == unset.n_group && r.topk_group == unset.topk_group,
+                 "routing.n_group / topk_group (expert groups) are only used by deepseek_v3, not by "
+                     << method << "; leave them at 1, got n_group = " << r.n_group
+                     << ", topk_group = " << r.topk_group);
+    FP4MOE_CHECK(r.routed_scaling_factor == unset.routed_scaling_factor,
+                 "routing.routed_scaling_factor is only used by deepseek_v3, not by "
+                     << method << "; leave it at 1, got " << r.routed_scaling_factor);
+  }
   switch (r.method) {
     case RoutingMethod::deepseek_v3:
       FP4MOE_CHECK(r.n_group >= 1, "routing.n_group must be >= 1, got " << r.n_group);
@@ -102,6 +131,14 @@ void MoeProblem::validate() const {
   }
 }
 
+MoeProblem MoeProblem::with_precomputed_routing() const {
+  MoeProblem p = *this;
+  p.routing = RoutingConfig{};
+  p.routing.method = RoutingMethod::precomputed;
+  p.routing.logits_dtype = routing.logits_dtype;
+  return p;
+}
+
 std::string MoeProblem::to_string() const {
   ::fp4moe::detail::Message s;
   s << "T=" << tokens << " H=" << hidden << " I=" << intermediate << " E=" << num_experts
@@ -116,7 +153,8 @@ std::string MoeProblem::to_string() const {
   switch (routing.method) {
     case RoutingMethod::deepseek_v3:
       s << "(n_group=" << routing.n_group << ",topk_group=" << routing.topk_group
-        << ",scale=" << routing.routed_scaling_factor << ")";
+        << ",scale=" << routing.routed_scaling_factor
+        << (routing.renormalize ? ",renormalize)" : ",no renormalize)");
       break;
     case RoutingMethod::softmax_topk:
     case RoutingMethod::sigmoid_topk:

@@ -106,7 +106,7 @@ void route_token(const MoeProblem& p, const float* logit, const float* bias, int
       float wsum = 0.0f;
       for (int j = 0; j < k; ++j) wsum += s[idx[j]];
       for (int j = 0; j < k; ++j)
-        weights[j] = s[idx[j]] / (wsum + 1e-20f) * r.routed_scaling_factor;
+        weights[j] = (r.renormalize ? s[idx[j]] / (wsum + 1e-20f) : s[idx[j]]) * r.routed_scaling_factor;
       break;
     }
     case RoutingMethod::llama4: {

@@ -139,6 +139,66 @@ TEST(Problem, RoutingParameters) {
   EXPECT_NO_THROW(l.validate());
 }
 
+// Every option a method does not read is rejected unless left at its default (docs/reference.md).
+TEST(Problem, OptionsAMethodDoesNotUseAreRejected) {
+  auto with = [](RoutingMethod m) {
+    MoeProblem p = small();
+    p.num_experts = 16;
+    p.top_k = m == RoutingMethod::llama4 ? 1 : 2;
+    p.routing.method = m;
+    return p;
+  };
+  const RoutingMethod all[] = {RoutingMethod::softmax_topk, RoutingMethod::topk_softmax,
+                               RoutingMethod::deepseek_v3,  RoutingMethod::llama4,
+                               RoutingMethod::sigmoid_topk, RoutingMethod::precomputed};
+  for (RoutingMethod m : all) {
+    SCOPED_TRACE(std::string(to_string(m)));
+    EXPECT_NO_THROW(with(m).validate());
+    const bool grouped = m == RoutingMethod::deepseek_v3;
+    MoeProblem g = with(m);
+    g.routing.n_group = 2;
+    if (grouped) EXPECT_NO_THROW(g.validate());
+    else EXPECT_ERROR_HAS(g.validate(), "routing.n_group / topk_group (expert groups) are only used by deepseek_v3");
+    MoeProblem tg = with(m);
+    tg.routing.n_group = grouped ? 4 : 1;
+    tg.routing.topk_group = 2;
+    if (grouped) EXPECT_NO_THROW(tg.validate());
+    else EXPECT_ERROR_HAS(tg.validate(), "topk_group = 2");
+    MoeProblem sc = with(m);
+    sc.routing.routed_scaling_factor = 2.5f;
+    if (grouped) EXPECT_NO_THROW(sc.validate());
+    else EXPECT_ERROR_HAS(sc.validate(), "routing.routed_scaling_factor is only used by deepseek_v3");
+    MoeProblem b = with(m);
+    b.routing.has_bias = true;
+    if (m == RoutingMethod::topk_softmax || grouped) EXPECT_NO_THROW(b.validate());
+    else EXPECT_ERROR_HAS(b.validate(), "routing.has_bias (a router bias) is only used by topk_softmax and deepseek_v3");
+    MoeProblem r = with(m);
+    r.routing.renormalize = false;
+    if (m == RoutingMethod::softmax_topk || m == RoutingMethod::sigmoid_topk || grouped)
+      EXPECT_NO_THROW(r.validate());
+    else if (m == RoutingMethod::topk_softmax)
+      EXPECT_ERROR_HAS(r.validate(), "renormalize = false is not supported by topk_softmax");
+    else
+      EXPECT_ERROR_HAS(r.validate(), "routing.renormalize is not an option of");
+  }
+  // The precomputed form of a layer drops the options its routing method had.
+  MoeProblem ds = with(RoutingMethod::deepseek_v3);
+  ds.routing.n_group = 4;
+  ds.routing.topk_group = 2;
+  ds.routing.routed_scaling_factor = 2.5f;
+  ds.routing.has_bias = true;
+  ds.routing.renormalize = false;
+  ds.routing.logits_dtype = DType::bf16;
+  const MoeProblem pre = ds.with_precomputed_routing();
+  EXPECT_NO_THROW(pre.validate());
+  EXPECT_EQ(pre.routing.method, RoutingMethod::precomputed);
+  EXPECT_EQ(pre.routing.n_group, 1);
+  EXPECT_FALSE(pre.routing.has_bias);
+  EXPECT_TRUE(pre.routing.renormalize);
+  EXPECT_EQ(pre.routing.logits_dtype, DType::bf16);
+  EXPECT_EQ(pre.hidden, ds.hidden);
+}
+
 TEST(Presets, AllValidateAndMatchTheSpecTable) {
   ASSERT_EQ(presets().size(), 11u);
   for (const Preset& pr : presets()) {

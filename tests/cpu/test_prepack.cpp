@@ -4,7 +4,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
 
+#include "api/pack_tile.h"
 #include "fp4moe/fp4moe.h"
 
 namespace fp4moe {
@@ -117,11 +119,71 @@ TEST(Prepack, NegativeAndZeroScalesAreFoldedIntoNibbles) {
     ASSERT_EQ(w13[size_t(c)] * ms.gate, w.experts[0].gate.element(0, c)) << "col " << c;
 }
 
-TEST(Prepack, RejectsNaNScales) {
+std::string error_of(const MoeProblem& p, const MoeWeights& w) {
+  try {
+    prepack(p, w);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(Prepack, RejectsNaNScalesNamingTheFirst) {
   MoeProblem p = small(Format::nvfp4, Activation::swiglu);
+  p.num_experts = 6;
+  p.local_expert_offset = 2;
+  p.num_local_experts = 3;
   MoeWeights w = random_weights(p, 5);
-  w.experts[1].down.scales[3] = 0x7F;
-  EXPECT_THROW(prepack(p, w), Error);
+  const int64_t kc = w.experts[1].down.scale_cols();
+  w.experts[1].down.scales[size_t(2 * kc + 1)] = 0x7F;  // local expert 1 = expert 3, row 2, block 1
+  w.experts[1].down.scales[size_t(5 * kc)] = 0xFF;     // later in the same matrix
+  w.experts[2].gate.scales[0] = 0x7F;                  // a later expert
+  const std::string msg = error_of(p, w);
+  EXPECT_NE(msg.find("expert 3 down: block scale of row 2, block 1 (columns 16..31) is NaN (E4M3 code 0x7F)"), std::string::npos)
+      << msg;
+  MoeProblem m = small(Format::mxfp4, Activation::swiglu);
+  MoeWeights mw = random_weights(m, 6);
+  mw.experts[0].up.scales[1] = 0xFF;
+  EXPECT_NE(error_of(m, mw).find("expert 0 up: block scale of row 0, block 1 (columns 32..63) is NaN (E8M0 code 0xFF)"),
+            std::string::npos)
+      << error_of(m, mw);
+  mw = random_weights(m, 6);
+  mw.experts[0].gate.scales[0] = 0;
+  mw.experts[0].gate.scales[1] = 254;
+  EXPECT_NE(error_of(m, mw).find("expert 0 gate: MXFP4 block scales span 2^-127 .. 2^127"), std::string::npos)
+      << error_of(m, mw);
+}
+
+// The integer re-encoding of api/pack_tile.h against its definition: S = e4m3 * 2^119 as bf16,
+// byte = ((exponent - 230) << 3) | mantissa3, for every code.
+TEST(Prepack, Nvfp4ScaleReencodingMatchesItsDefinition) {
+  for (int c = 0; c < 256; ++c) {
+    const pack::ScaleCode sc = pack::encode_nvfp4_scale(uint8_t(c));
+    const int mag = c & 0x7F;
+    EXPECT_EQ(sc.nan, mag == 0x7F) << c;
+    EXPECT_EQ(sc.flip, (c & 0x80) != 0) << c;
+    EXPECT_EQ(sc.zero, mag == 0) << c;
+    if (mag == 0 || mag == 0x7F) continue;
+    const uint16_t bits = float_to_bf16(std::ldexp(e4m3_to_float(uint8_t(mag)), 119));
+    ASSERT_EQ(bits & 0xF, 0) << c;
+    EXPECT_EQ(int(sc.byte), (((bits >> 7) - 230) << 3) | ((bits >> 4) & 7)) << "code " << c;
+    // What the kernel multiplies by (bf16 bits (byte << 4) + 0x7300) is the scale times 2^119.
+    EXPECT_EQ(bf16_to_float(uint16_t((sc.byte << 4) + 0x7300)), std::ldexp(e4m3_to_float(uint8_t(mag)), 119)) << c;
+  }
+}
+
+// place_pair puts every nibble bit where layout.h says.
+TEST(Prepack, PairPlacementFollowsTheLayout) {
+  const int bits[4][4] = {{15, 8, 7, 6}, {12, 5, 4, 3}, {9, 2, 1, 0}, {14, 11, 10, 13}};
+  uint32_t all = 0;
+  for (int p = 0; p < 4; ++p)
+    for (int b = 0; b < 8; ++b) {
+      const uint32_t w = pack::place_pair(p, uint8_t(1u << b));
+      const int role = 3 - (b % 4);
+      EXPECT_EQ(w, 1u << (bits[p][role] + (b >= 4 ? 16 : 0))) << "pair " << p << " bit " << b;
+      all |= w;
+    }
+  EXPECT_EQ(all, 0xFFFFFFFFu);  // the four pairs fill the word
 }
 
 }  // namespace

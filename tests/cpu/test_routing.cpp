@@ -101,6 +101,25 @@ TEST(Routing, DeepseekWeightsComeFromSigmoidNotTheBiasedScore) {
   EXPECT_NEAR(r.weights[1], 0.5f / 0.75f * 2.5f, 4 * kTol);
 }
 
+TEST(Routing, DeepseekWithoutRenormalizeStillScales) {
+  // norm_topk_prob = false (transformers' DeepseekV3TopkRouter / Glm4MoeTopkRouter): the weights
+  // are s at the chosen experts times the scaling factor, not divided by their sum.
+  MoeProblem p = routing_problem(RoutingMethod::deepseek_v3, 4, 2);
+  p.routing.has_bias = true;
+  p.routing.routed_scaling_factor = 2.5f;
+  p.routing.renormalize = false;
+  const std::vector<float> logits{0.0f, std::log(3.0f), -std::log(3.0f), 0.0f};
+  const std::vector<float> bias{0.0f, -0.5f, 0.6f, 0.0f};
+  Routed r = route(p, logits.data(), bias.data());
+  EXPECT_EQ(r.ids, (std::vector<int32_t>{2, 0}));
+  EXPECT_NEAR(r.weights[0], 0.25f * 2.5f, 4 * kTol);
+  EXPECT_NEAR(r.weights[1], 0.5f * 2.5f, 4 * kTol);
+  p.routing.routed_scaling_factor = 1.0f;
+  r = route(p, logits.data(), bias.data());
+  EXPECT_NEAR(r.weights[0], 0.25f, kTol);
+  EXPECT_NEAR(r.weights[1], 0.5f, kTol);
+}
+
 TEST(Routing, DeepseekGroupsRankByTheSumOfTheirTwoBest) {
   // All logits 0: s = 0.5, c = 0.5 + bias (exact binary fractions). Group 0 = {0.875, 0.125,
   // 0.125, 0.125}: best-two sum 1.0 (max 0.875, full sum 1.25). Group 1 = {0.5625, 0.5625, 0, 0}:

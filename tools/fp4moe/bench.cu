@@ -445,11 +445,7 @@ std::unique_ptr<Row> make_row(const Env& env, const Layer& l, int64_t T) {
   Row& r = *row;
   r.p = l.base;
   r.p.tokens = T;
-  r.prun = r.p;
-  if (o.precomputed) {
-    r.prun.routing.method = RoutingMethod::precomputed;
-    r.prun.routing.has_bias = false;
-  }
+  r.prun = o.precomputed ? r.p.with_precomputed_routing() : r.p;
   const MoeProblem& p = r.p;
   // Router / correction biases are zero: with uniform random logits the routing is then uniform,
   // as a trained, load-balanced router is (a random bias concentrates the tokens on a few experts

@@ -158,7 +158,7 @@ __device__ inline void route_token(const P& p, int t, float* sel, float* val, in
     }
     case RoutingMethod::deepseek_v3: {
       float sum = warp_sum(active ? my_val : 0.0f);
-      w = my_val / (sum + 1e-20f) * p.routed_scaling_factor;
+      w = (p.renormalize ? my_val / (sum + 1e-20f) : my_val) * p.routed_scaling_factor;
       break;
     }
     case RoutingMethod::llama4: w = sigmoidf_exact(my_val); break;

@@ -39,6 +39,7 @@
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/arch/mma_sm90_desc.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
+#include <cute/arch/mma_sm90_gmma_ext.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 #include <utility>
@@ -52,20 +53,21 @@ namespace fp4moe::kernels {
 
 namespace gmma = cute::SM90::GMMA;
 
-template <int BN>
+template <int N>
 struct GmmaAtom;
-template <>
-struct GmmaAtom<32> {
-  using type = gmma::MMA_64x32x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>;
-};
-template <>
-struct GmmaAtom<64> {
-  using type = gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>;
-};
-template <>
-struct GmmaAtom<128> {
-  using type = gmma::MMA_64x128x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>;
-};
+#define FP4MOE_GMMA_ATOM(N)                                                                  \
+  template <>                                                                                \
+  struct GmmaAtom<N> {                                                                       \
+    using type = gmma::MMA_64x##N##x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>;        \
+  };
+FP4MOE_GMMA_ATOM(32)
+FP4MOE_GMMA_ATOM(64)
+FP4MOE_GMMA_ATOM(96)
+FP4MOE_GMMA_ATOM(128)
+FP4MOE_GMMA_ATOM(144)
+FP4MOE_GMMA_ATOM(160)
+#undef FP4MOE_GMMA_ATOM
+static_assert(kPrefillWidths[5] == kPrefillTileMax, "the widest wgmma holds the widest tile");
 
 // wgmma m64nNWk16 (register A) on the first NW / 2 accumulators of d.
 template <int NW, size_t... I>
@@ -108,7 +110,7 @@ __device__ __forceinline__ void consumer_sync(int c) { asm volatile("bar.sync %0
 // K-permuted at the tile's sorted rows. m-tiles past the expert's end (mt >= MT) store zeros.
 template <int BN, Activation ACT>
 __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const PrefillTile& tile, int mt, int MT,
-                                               const MatrixScales& ms, const float (&acc)[BN / 2], float* xch, int c,
+                                               const MatrixScales& ms, float (&acc)[BN / 2], float* xch, int c,
                                                int w) {
   constexpr bool GATED = ACT != Activation::relu2;
   const PackedLayout& L = p.L;
@@ -128,7 +130,9 @@ __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const Pre
     i_lo = 16 * mt + g;
     i_hi = i_lo + 8;
   }
-  float v[BN / 8][2][2];  // [column group][column][row g, g + 8 (non-gated) | warp amax (gated W4A4)]
+  // The results replace the accumulators in place (no second array: the register file is full):
+  // acc[4 cg + cc] holds a of row g's i, acc[4 cg + 2 + cc] that of row g + 8 (non-gated) or, gated
+  // W4A4, the warp's block amax.
 #pragma unroll
   for (int cg = 0; cg < BN / 8; ++cg)
 #pragma unroll
@@ -140,13 +144,13 @@ __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const Pre
       if constexpr (GATED) {
         const float gate = lo * ms.gate * in13 * wtok + (b13 ? b13[i_lo] : 0.0f);
         const float up = hi * ms.up * in13 * wtok + (b13 ? b13[half + i_lo] : 0.0f);
-        v[cg][cc][0] = real ? __bfloat162float(__float2bfloat16_rn(activation(ACT, p.alpha, p.limit, gate, up))) : 0.0f;
-        v[cg][cc][1] = 0.0f;
+        acc[4 * cg + cc] = real ? __bfloat162float(__float2bfloat16_rn(activation(ACT, p.alpha, p.limit, gate, up))) : 0.0f;
+        acc[4 * cg + 2 + cc] = 0.0f;
       } else {
         const float up0 = lo * ms.up * in13 * wtok + (b13 ? b13[half + i_lo] : 0.0f);
         const float up1 = hi * ms.up * in13 * wtok + (b13 ? b13[half + i_hi] : 0.0f);
-        v[cg][cc][0] = real ? __bfloat162float(__float2bfloat16_rn(activation(ACT, p.alpha, p.limit, 0.0f, up0))) : 0.0f;
-        v[cg][cc][1] = real ? __bfloat162float(__float2bfloat16_rn(activation(ACT, p.alpha, p.limit, 0.0f, up1))) : 0.0f;
+        acc[4 * cg + cc] = real ? __bfloat162float(__float2bfloat16_rn(activation(ACT, p.alpha, p.limit, 0.0f, up0))) : 0.0f;
+        acc[4 * cg + 2 + cc] = real ? __bfloat162float(__float2bfloat16_rn(activation(ACT, p.alpha, p.limit, 0.0f, up1))) : 0.0f;
       }
     }
   if (p.w4a4) {
@@ -156,17 +160,17 @@ __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const Pre
     for (int cg = 0; cg < BN / 8; ++cg)
 #pragma unroll
       for (int cc = 0; cc < 2; ++cc) {
-        float m = fmaxf(fabsf(v[cg][cc][0]), fabsf(v[cg][cc][1]));
+        float m = fmaxf(fabsf(acc[4 * cg + cc]), fabsf(acc[4 * cg + 2 + cc]));
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
         if constexpr (GATED) {
-          v[cg][cc][1] = m;
+          acc[4 * cg + 2 + cc] = m;
           if (g == 0) xch[(c * 4 + w) * BN + 8 * cg + 2 * q + cc] = m;
         } else {
           const float sbk = nvfp4_block_scale(m, ms.in2), den = sbk * ms.in2;
-          v[cg][cc][0] = e2m1_round(v[cg][cc][0] / den) * sbk;
-          v[cg][cc][1] = e2m1_round(v[cg][cc][1] / den) * sbk;
+          acc[4 * cg + cc] = e2m1_round(acc[4 * cg + cc] / den) * sbk;
+          acc[4 * cg + 2 + cc] = e2m1_round(acc[4 * cg + 2 + cc] / den) * sbk;
         }
       }
     if constexpr (GATED) {
@@ -175,9 +179,9 @@ __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const Pre
       for (int cg = 0; cg < BN / 8; ++cg)
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {
-          const float m = fmaxf(v[cg][cc][1], xch[(c * 4 + (w ^ 1)) * BN + 8 * cg + 2 * q + cc]);
+          const float m = fmaxf(acc[4 * cg + 2 + cc], xch[(c * 4 + (w ^ 1)) * BN + 8 * cg + 2 * q + cc]);
           const float sbk = nvfp4_block_scale(m, ms.in2), den = sbk * ms.in2;
-          v[cg][cc][0] = e2m1_round(v[cg][cc][0] / den) * sbk;
+          acc[4 * cg + cc] = e2m1_round(acc[4 * cg + cc] / den) * sbk;
         }
       consumer_sync(c);  // the exchange buffer is reused by the next m-tile
     }
@@ -190,8 +194,8 @@ __device__ __forceinline__ void epilogue_gemm1(const PrefillParams& p, const Pre
       const int col = 8 * cg + 2 * q + cc;
       if (col >= tile.rows) continue;
       __nv_bfloat16* arow = act + int64_t(tile.row0 + col) * i_pad;
-      if (i_lo < i_pad) arow[pc_lo] = __float2bfloat16_rn(v[cg][cc][0]);
-      if (!GATED && i_hi < i_pad) arow[pc_hi] = __float2bfloat16_rn(v[cg][cc][1]);
+      if (i_lo < i_pad) arow[pc_lo] = __float2bfloat16_rn(acc[4 * cg + cc]);
+      if (!GATED && i_hi < i_pad) arow[pc_hi] = __float2bfloat16_rn(acc[4 * cg + 2 + cc]);
     }
 }
 
@@ -215,15 +219,22 @@ __device__ __forceinline__ void epilogue_gemm2(const PrefillParams& p, const Pre
     }
 }
 
-template <Format F, int BN, int PHASE>
+// B operands of one GEMM: the same rows as boxes of 32, 64 and kPrefillTileMax rows (a tile loads the
+// smallest box that holds it).
+struct BMaps {
+  CUtensorMap b32, b64, bmax;
+};
+
+template <Format F, int PHASE>
 __global__ void __launch_bounds__(kPrefillThreads, 1)
     prefill_gemm_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ CUtensorMap tm_a,
-                        const __grid_constant__ CUtensorMap tm_s, const __grid_constant__ CUtensorMap tm_b, int stages) {
+                        const __grid_constant__ CUtensorMap tm_s, const __grid_constant__ BMaps tm_b, int stages) {
+  constexpr int BN = kPrefillTileMax;
   static_assert(PHASE == 1 || PHASE == 2, "PHASE 1: W13 + activation, PHASE 2: W2");
   static_assert(kPrefillBlockM == 256 && kPrefillConsumers == 2, "two consumer warpgroups of 2 x 64 weight rows");
   constexpr int STILE = scale_tile_bytes(F);
   constexpr int MTB = kPrefillBlockM / kTileRows;  // m-tiles per block: 16
-  constexpr uint32_t kStageTx = uint32_t(BN * 128 + MTB * (kTileBytes + STILE));
+  constexpr uint32_t kStageTxA = uint32_t(MTB * (kTileBytes + STILE));
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -238,8 +249,6 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
   const int MT = PHASE == 1 ? L.m_tiles13 : L.m_tiles2;
   const int KT = PHASE == 1 ? L.k_tiles13 : L.k_tiles2;
   const int MB = (MT + MTB - 1) / MTB;
-  const PrefillTile* tiles = ws_ptr<const PrefillTile>(p, p.W.tiles_off);
-  const int64_t n_items = int64_t(ws_ptr<const int>(p, p.W.misc_off)[0]) * MB;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
   if (threadIdx.x == 0) {
@@ -255,22 +264,29 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
     // ---- producer ----
     cutlass::arch::warpgroup_reg_dealloc<40>();
     if (threadIdx.x == 0) {
+      // NOTES: values live across setmaxnreg are spilled; each role reads what it needs after it.
+      const PrefillTile* tiles = ws_ptr<const PrefillTile>(p, p.W.tiles_off);
+      const int64_t n_items = int64_t(ws_ptr<const int>(p, p.W.misc_off)[0]) * MB;
       cute::prefetch_tma_descriptor(&tm_a);
       cute::prefetch_tma_descriptor(&tm_s);
-      cute::prefetch_tma_descriptor(&tm_b);
+      cute::prefetch_tma_descriptor(&tm_b.b32);
+      cute::prefetch_tma_descriptor(&tm_b.b64);
+      cute::prefetch_tma_descriptor(&tm_b.bmax);
       int stage = 0;
       uint32_t phase = 0;
       for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x) {
         const PrefillTile tile = tiles[item / MB];
         const int m0 = tile.expert * MT + int(item % MB) * MTB;
+        const int box = tile.rows <= 32 ? 32 : tile.rows <= 64 ? 64 : BN;
+        const CUtensorMap* bmap = box == 32 ? &tm_b.b32 : box == 64 ? &tm_b.b64 : &tm_b.bmax;
         for (int kt = 0; kt < KT; ++kt) {
           cutlass::arch::ClusterBarrier::wait(&empty[stage], phase ^ 1);
-          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&full[stage], kStageTx);
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&full[stage], kStageTxA + uint32_t(box) * 128);
           cute::SM90_TMA_LOAD_3D::copy(&tm_a, &full[stage], kTmaEvictNormal, sA + size_t(stage) * MTB * kTileBytes, 0,
                                        kt, m0);
           cute::SM90_TMA_LOAD_3D::copy(&tm_s, &full[stage], kTmaEvictNormal, sS + size_t(stage) * MTB * STILE, 0, kt,
                                        m0);
-          cute::SM90_TMA_LOAD_2D::copy(&tm_b, &full[stage], kTmaEvictNormal, sB + size_t(stage) * BN * 128,
+          cute::SM90_TMA_LOAD_2D::copy(bmap, &full[stage], kTmaEvictNormal, sB + size_t(stage) * BN * 128,
                                        kt * kTileCols, tile.row0);
           if (++stage == stages) {
             stage = 0;
@@ -284,6 +300,8 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
 
   // ---- consumers ----
   cutlass::arch::warpgroup_reg_alloc<232>();
+  const PrefillTile* tiles = ws_ptr<const PrefillTile>(p, p.W.tiles_off);
+  const int64_t n_items = int64_t(ws_ptr<const int>(p, p.W.misc_off)[0]) * MB;
   const int c = wg - 1, w = warp % 4;
   // This warp's two m-tiles within the block: rows 16 w.. of the warpgroup's two m64 wgmmas.
   const int mt_lo = c * 8 + w, mt_hi = mt_lo + 4;
@@ -295,8 +313,8 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
     float acc_lo[BN / 2], acc_hi[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc_lo[i] = acc_hi[i] = 0.0f;
-    // The wgmma width follows the tile: an expert's last tile of r rows runs at the narrowest compiled
-    // width >= r (the accumulators past it stay zero and are never stored).
+    // The wgmma width follows the tile: a tile of r rows runs at the narrowest compiled width >= r (the
+    // accumulators past it stay zero and are never stored).
     auto mainloop = [&](auto width) {
       constexpr int NW = decltype(width)::value;
       for (int kt = 0; kt < KT; ++kt) {
@@ -339,12 +357,18 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
         }
       }
     };
-    if (BN >= 128 && tile.rows <= 32)
+    if (tile.rows <= 32)
       mainloop(std::integral_constant<int, 32>{});
-    else if (BN >= 128 && tile.rows <= 64)
+    else if (tile.rows <= 64)
       mainloop(std::integral_constant<int, 64>{});
+    else if (tile.rows <= 96)
+      mainloop(std::integral_constant<int, 96>{});
+    else if (tile.rows <= 128)
+      mainloop(std::integral_constant<int, 128>{});
+    else if (tile.rows <= 144)
+      mainloop(std::integral_constant<int, 144>{});
     else
-      mainloop(std::integral_constant<int, BN>{});
+      mainloop(std::integral_constant<int, 160>{});
     const MatrixScales ms = reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off)[tile.expert];
     if constexpr (PHASE == 1) {
       // NOTES: one activation per instantiation: the unrolled epilogue with every activation inlined

@@ -62,10 +62,18 @@ __global__ void __launch_bounds__(kListChunk) prefill_count_kernel(const __grid_
 // ---- scan: totals, starts, chunk bases and the token tiles (one block) -----------------------------
 constexpr int kScanThreads = 1024;
 
+// Tiles of an expert with n rows (params.h): tiles of `base` rows, a remainder of up to max - base rows
+// joining the last one.
+__host__ __device__ __forceinline__ int tiles_of(int n, int base, int max) {
+  if (n <= max) return n > 0 ? 1 : 0;
+  const int full = n / base, r = n % base;
+  return full + ((r != 0 && r > max - base) ? 1 : 0);
+}
+
 __global__ void __launch_bounds__(kScanThreads) prefill_scan_kernel(const __grid_constant__ PrefillParams p) {
   using Scan = cub::BlockScan<int, kScanThreads>;
   __shared__ typename Scan::TempStorage scan_rows, scan_tiles;
-  const int NL = p.num_local, chunks = p.W.chunks, BN = p.block_n;
+  const int NL = p.num_local, chunks = p.W.chunks;
   int* hist = ws_ptr<int>(p, p.W.hist_off);
   int* count = ws_ptr<int>(p, p.W.count_off);
   int* start = ws_ptr<int>(p, p.W.start_off);
@@ -94,15 +102,19 @@ __global__ void __launch_bounds__(kScanThreads) prefill_scan_kernel(const __grid
   int rows = 0, ntiles = 0;
   for (int e = e0; e < e1; ++e) {
     rows += count[e];
-    ntiles += (count[e] + BN - 1) / BN;
+    ntiles += tiles_of(count[e], p.tile_base, p.tile_max);
   }
   int rows_before, tiles_before, rows_total, tiles_total;
   Scan(scan_rows).ExclusiveSum(rows, rows_before, rows_total);
   Scan(scan_tiles).ExclusiveSum(ntiles, tiles_before, tiles_total);
   for (int e = e0; e < e1; ++e) {
     start[e] = rows_before;
-    for (int r = 0; r < count[e]; r += BN) tiles[tiles_before++] = PrefillTile{e, rows_before + r, min(BN, count[e] - r), 0};
-    rows_before += count[e];
+    const int n = count[e], nt = tiles_of(n, p.tile_base, p.tile_max);
+    for (int j = 0; j < nt; ++j) {
+      const int r0 = j * p.tile_base, rows_j = j + 1 < nt ? p.tile_base : n - r0;
+      tiles[tiles_before++] = PrefillTile{e, rows_before + r0, rows_j, 0};
+    }
+    rows_before += n;
   }
   if (threadIdx.x == 0) {
     start[NL] = rows_total;

@@ -13,7 +13,14 @@ namespace fp4moe::kernels {
 constexpr int kPrefillBlockM = 256;         // weight rows per tile: 16 m-tiles, 2 x 64 per consumer warpgroup
 constexpr int kPrefillConsumers = 2;        // consumer warpgroups
 constexpr int kPrefillThreads = 128 * (1 + kPrefillConsumers);
-constexpr int kPrefillBlockN[2] = {32, 128};  // the token-tile widths compiled (wgmma N)
+// Token tiles: an expert's sorted rows are cut into tiles of kPrefillTileBase rows; a remainder of up to
+// kPrefillTileMax - kPrefillTileBase rows joins the last full tile, and an expert with at most
+// kPrefillTileMax rows is one tile. The GEMM runs each tile at the narrowest compiled wgmma width that
+// holds it (kPrefillWidths), so padding stays under 32 rows and no tile repeats a dequantization for a few
+// leftover rows.
+constexpr int kPrefillTileBase = 128;
+constexpr int kPrefillTileMax = 160;
+constexpr int kPrefillWidths[6] = {32, 64, 96, 128, 144, 160};
 constexpr int kPrefillMaxStages = 16;
 constexpr size_t kPrefillSmemReserve = 6144;  // 1 KB alignment slack, barriers (2 x 16 x 8 B), the W4A4 epilogue exchange (4 KB)
 constexpr int kPrefillRouteWarps = 8;       // tokens routed per block of the routing kernel
@@ -44,7 +51,7 @@ struct PrefillParams {
   Activation act_kind;
   float alpha, limit;
   bool w4a4;
-  int block_n;
+  int tile_base, tile_max;  // token tiles (kPrefillTileBase / kPrefillTileMax)
   PrefillWorkspace W;
   uint8_t* ws;               // workspace base (PrefillWorkspace offsets)
 };

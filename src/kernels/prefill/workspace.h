@@ -26,7 +26,7 @@ constexpr int kListChunk = 256;  // slots per block of the list kernels (8 warps
 struct PrefillTile {
   int expert;  // local expert
   int row0;    // first sorted row
-  int rows;    // rows of this tile (<= block_n)
+  int rows;    // rows of this tile (<= kPrefillTileMax)
   int pad;
 };
 
@@ -37,13 +37,13 @@ struct PrefillWorkspace {
           row_slot_off = 0, slot_row_off = 0, xs_off = 0, act_off = 0, y_off = 0, total = 0;
 
   static FP4MOE_HD PrefillWorkspace make(int64_t tokens, int k, int local_experts, int hidden, int intermediate,
-                                         int block_n) {
+                                         int tile_base) {
     PrefillWorkspace w;
     if (tokens <= 0) return w;
     w.slots = tokens * k;
     w.chunks = int(ceil_div(w.slots, kListChunk));
     w.experts = local_experts;
-    w.max_tiles = int(ceil_div(w.slots, block_n)) + local_experts;
+    w.max_tiles = int(ceil_div(w.slots, tile_base)) + local_experts;
     w.h_pad = int(ceil_div(hidden, kTileCols) * kTileCols);
     w.i_pad = int(ceil_div(intermediate, kTileCols) * kTileCols);
     w.hidden = hidden;
