@@ -141,11 +141,11 @@ void validate_plan(const MoeProblem& p, const Plan& plan) {
     const PrefillTactic& t = plan.prefill;
     FP4MOE_CHECK(t.block_m == kernels::kPrefillBlockM,
                  "plan.prefill.block_m = " << t.block_m << ", the prefill kernels are built for " << kernels::kPrefillBlockM);
-    bool compiled = false;
-    for (const int n : kernels::kPrefillBlockN) compiled = compiled || t.block_n == n;
-    FP4MOE_CHECK(compiled, "plan.prefill.block_n = " << t.block_n << ": the prefill kernels are compiled for "
-                                                     << kernels::kPrefillBlockN[0] << " and " << kernels::kPrefillBlockN[1]
-                                                     << " tokens per tile");
+    // Tiles are cut from each expert's rows at run time (up to kPrefillTileMax, each at the narrowest
+    // compiled wgmma width); the stage layout is sized for the widest.
+    FP4MOE_CHECK(t.block_n == kernels::kPrefillTileMax,
+                 "plan.prefill.block_n = " << t.block_n << ": the prefill kernels cut token tiles of up to "
+                                           << kernels::kPrefillTileMax << " rows and size their stages for that");
     FP4MOE_CHECK(t.threads == kernels::kPrefillThreads,
                  "plan.prefill.threads = " << t.threads << ", the prefill kernels are built for " << kernels::kPrefillThreads);
     FP4MOE_CHECK(t.stages >= 2 && t.stages <= kernels::kPrefillMaxStages,
@@ -169,7 +169,7 @@ size_t workspace_size(const MoeProblem& p, const Plan& plan) {
   if (p.tokens == 0) return 0;
   if (plan.tactic == Tactic::decode) return detail::decode_workspace_bytes(p);
   return size_t(kernels::PrefillWorkspace::make(plan.prefill.token_chunk, p.top_k, p.local_experts(), p.hidden,
-                                                p.intermediate, plan.prefill.block_n)
+                                                p.intermediate, kernels::kPrefillTileBase)
                     .total);
 }
 

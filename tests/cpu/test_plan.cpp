@@ -198,12 +198,15 @@ TEST(PlanForcedTactic, EitherTacticAtAnyT) {
 
 // ---- tactic details --------------------------------------------------------------------------------
 
-TEST(PlanShapes, PrefillTilesAreCompiledAndWidenWithT) {
-  const std::set<int> compiled(std::begin(kernels::kPrefillBlockN), std::end(kernels::kPrefillBlockN));
-  const int widest = *compiled.rbegin();
+// Token tiles are cut at run time (up to kPrefillTileMax rows, each at the narrowest compiled wgmma
+// width that holds it); the plan's block_n is that widest tile, for every T and every problem.
+TEST(PlanShapes, PrefillTilesAreTheKernelsShapes) {
+  const std::set<int> widths(std::begin(kernels::kPrefillWidths), std::end(kernels::kPrefillWidths));
+  ASSERT_EQ(*widths.rbegin(), kernels::kPrefillTileMax) << "the widest compiled width holds the largest tile";
+  ASSERT_LE(kernels::kPrefillTileBase, kernels::kPrefillTileMax);
+  for (const int n : widths) ASSERT_TRUE(n % 16 == 0 && n >= 8 && n <= 256) << "not a wgmma N: " << n;
   for (const DeviceDesc& d : devices())
     for (const auto& [name, p] : problems()) {
-      int last_n = 0;
       for (const int64_t T : token_sweep(crossover(p, d).prefill_from_tokens)) {
         const Plan plan = make_plan(at(p, T), d, Tactic::prefill);
         const PrefillTactic& t = plan.prefill;
@@ -211,13 +214,8 @@ TEST(PlanShapes, PrefillTilesAreCompiledAndWidenWithT) {
         // One producer warpgroup and the consumer warpgroups, each owning whole m64 wgmma rows.
         ASSERT_EQ(t.threads, 128 * (1 + kernels::kPrefillConsumers)) << name << " T=" << T;
         ASSERT_EQ(t.block_m % (64 * kernels::kPrefillConsumers), 0) << name << ": block_m " << t.block_m;
-        ASSERT_TRUE(compiled.count(t.block_n)) << name << " T=" << T << ": block_n " << t.block_n;
-        ASSERT_TRUE(t.block_n % 8 == 0 && t.block_n <= 256) << name << ": not a wgmma N: " << t.block_n;
-        ASSERT_GE(t.block_n, last_n) << name << " T=" << T << ": the tile narrowed as T grew";
-        last_n = t.block_n;
+        ASSERT_EQ(t.block_n, kernels::kPrefillTileMax) << name << " T=" << T;
       }
-      // Hundreds of tokens per expert: narrow tiles would only multiply the weight reads.
-      EXPECT_EQ(make_plan(at(p, 16384), d).prefill.block_n, widest) << name << " on " << d.name;
     }
 }
 
@@ -288,7 +286,7 @@ TEST(PlanShapes, PrefillTokenChunksCoverT) {
   for (const auto& [name, p] : problems()) {
     const int64_t cap = make_plan(at(p, int64_t(1) << 24), d, Tactic::prefill).prefill.token_chunk;
     const auto W = kernels::PrefillWorkspace::make(cap, p.top_k, p.local_experts(), p.hidden, p.intermediate,
-                                                   kernels::kPrefillBlockN[0]);
+                                                   kernels::kPrefillTileBase);
     EXPECT_TRUE(W.total <= (int64_t(2) << 30) || cap == 1024) << name << ": chunk " << cap << ", " << W.total;
     for (const int64_t T : token_sweep(0)) {
       if (T == 0) continue;

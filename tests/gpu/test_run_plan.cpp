@@ -97,19 +97,22 @@ TEST(RunPlan, RefusesPlansThatDoNotFit) {
   big.prefill.stages = 2;
   big.prefill.smem_bytes = DeviceDesc::current().smem_per_block + 1024;
   EXPECT_NE(message(big).find("bytes of shared memory per block"), std::string::npos) << message(big);
-  // batch_invariant: only the planner's tile width keeps one summation order.
+  Plan narrow = make_plan(p, DeviceDesc::current(), Tactic::prefill);
+  narrow.prefill.block_n = 32;
+  narrow.prefill.stages = 2;
+  narrow.prefill.smem_bytes = 2 * kernels::prefill_stage_bytes(narrow.prefill.block_m, 32, p.format) +
+                              kernels::kPrefillSmemReserve;
+  EXPECT_NE(message(narrow).find("plan.prefill.block_n = 32"), std::string::npos) << message(narrow);
+  // batch_invariant: the prefill tactic only (one summation order for every T).
   MoeProblem q = p;
   q.batch_invariant = true;
-  Plan narrow = make_plan(q, DeviceDesc::current());
-  narrow.prefill.block_n = narrow.prefill.block_n == 32 ? 128 : 32;
-  narrow.prefill.stages = 2;
-  narrow.prefill.smem_bytes = 2 * kernels::prefill_stage_bytes(narrow.prefill.block_m, narrow.prefill.block_n, q.format) +
-                              kernels::kPrefillSmemReserve;
+  Plan dec = make_plan(p, DeviceDesc::current(), Tactic::decode);
+  dec.problem = q;
   try {
-    run(q, dw, b.in, b.ws.ptr, b.ws_bytes, nullptr, narrow);
-    ADD_FAILURE() << "a batch_invariant problem ran with another tile width";
+    run(q, dw, b.in, b.ws.ptr, b.ws_bytes, nullptr, dec);
+    ADD_FAILURE() << "a batch_invariant problem ran the decode tactic";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("tile width"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("prefill tactic only"), std::string::npos) << e.what();
   }
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }

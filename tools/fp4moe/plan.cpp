@@ -115,7 +115,8 @@ void print_plans(const PlanOptions& o) {
   std::printf("\n");
   for (size_t i = 0; i < order.size(); ++i) std::printf("[%zu] %s\n", i + 1, order[i].c_str());
   std::printf(
-      "\ntile: prefill weight rows x tokens per tile; decode kA/B = warps splitting K in GEMM1 / GEMM2.\n"
+      "\ntile: prefill weight rows x the widest token tile (each tile runs at the narrowest wgmma width that holds\n"
+      "its rows); decode kA/B = warps splitting K in GEMM1 / GEMM2.\n"
       "grid: blocks x threads. chunk: tokens per launch (decode) or per pass (prefill). workspace_B: workspace_size().\n"
       "est_MB, GFLOP: weights touched and routed FLOPs under uniform routing; bytes_us, flops_us: those over the\n"
       "description's bandwidth and bf16 rate; floor_us: their max. Estimates, not measurements (fp4moe bench).\n");
