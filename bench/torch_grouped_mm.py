@@ -3,8 +3,9 @@
 
 Usage:
     python bench/torch_grouped_mm.py [--preset qwen3-30b-a3b,gpt-oss-120b,deepseek-v3 | all]
-                                     [--tokens 1,2,4,8,16,32,64] [--routing uniform|balanced|skewed]
-                                     [--reps 100] [--csv PATH] [--copies N] [--no-verify]
+                                     [--tokens 1,2,4,8,16,32,64 | 128,256,...,16384]
+                                     [--routing uniform|balanced|skewed] [--reps 100] [--csv PATH]
+                                     [--copies N] [--gemm-size 8192] [--no-verify]
     python bench/torch_grouped_mm.py --list-presets
 
 Needs PyTorch >= 2.8 on an sm_90 GPU (torch._grouped_mm takes its CUTLASS bf16 path there).
@@ -29,6 +30,17 @@ bytes touched between two uses of the same copy are >= 4x the L2 size. When memo
 copies than that (DeepSeek-V3 is ~22.5 GB per copy in bf16), the calls cycle over the copies that
 fit and each call gets its own random logits, so consecutive uses of one copy touch mostly different
 experts; the run prints which of the two was done, and `experts`/`bytes` are then means over calls.
+Once one call touches >= 4x L2 (large T), the graph holds one call on one copy: that call streams
+the other weights through L2 between two reads of the same byte. Rows whose activations (about
+100 kB per routed slot for DeepSeek-V3, twice over: the eager warm-up and the graph's pool) do not
+fit next to the weights run fewer calls, or are skipped with a message; an out-of-memory error skips
+that row only.
+
+Roofline, measured in the same run: the byte floor of a row is a float32-accumulating torch.sum over
+exactly the touched bytes of the same copies (the first `experts` experts of W13 and W2), captured
+in the same graph structure; the compute floor is the row's FLOPs, 2*T*k*(2I*H + H*I), over the bf16
+dense rate of torch.matmul on random n x n bf16 matrices (n = --gemm-size, 8192 by default; median
+of 20 after a warm-up). roof = max(floor, compute floor); roof_x = median / roof.
 
 Timing: warm-up, one CUDA graph of all calls, >= 50 replays each timed with CUDA events; the
 reported median/min/max are per layer call (replay time / calls in the graph). TB/s = bytes / median.
@@ -66,7 +78,8 @@ DEFAULT_PRESETS = "qwen3-30b-a3b,gpt-oss-120b,deepseek-v3"
 MIN_REPS = 50
 GiB = 1 << 30
 
-COLUMNS = ["preset", "tokens", "experts", "bytes", "median_us", "min_us", "max_us", "tbps"]
+COLUMNS = ["preset", "tokens", "experts", "bytes", "median_us", "min_us", "max_us", "tbps", "floor_us", "ratio",
+           "flops", "compute_us", "roofline_us", "roofline_ratio", "tflops", "calls"]
 
 
 def positive_int_list(text):
@@ -109,6 +122,8 @@ def parse_args(argv=None):
                    help="GPU memory left free when sizing the copies (default 4 GiB)")
     p.add_argument("--weight-layout", choices=["nk", "kn"], default="nk",
                    help="nk: experts stored [N, K], passed transposed (default); kn: stored [K, N] row-major")
+    p.add_argument("--gemm-size", type=int, default=8192,
+                   help="n of the n^3 bf16 torch.matmul that measures the dense rate (default 8192)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", metavar="PATH", help="also write the rows as CSV (" + ",".join(COLUMNS) + ")")
     p.add_argument("--no-verify", action="store_true", help="skip the T=4 float32 correctness check")
@@ -118,6 +133,8 @@ def parse_args(argv=None):
         p.error(f"--reps must be >= {MIN_REPS}: a median over fewer replays is not worth reporting")
     if args.warmup < 0 or args.copies < 0 or args.l2_factor <= 0 or args.reserve_gib < 0:
         p.error("--warmup, --copies and --reserve-gib must be >= 0 and --l2-factor > 0")
+    if args.gemm_size < 256 or args.gemm_size % 64:
+        p.error("--gemm-size must be a multiple of 64, at least 256")
     return args
 
 
@@ -125,18 +142,53 @@ def expert_bytes(H, I):
     return 3 * H * I * 2  # W13 [2I, H] + W2 [H, I], bf16
 
 
+def layer_flops(T, H, I, k):
+    """FLOPs of the routed slots (docs/benchmarking.md): 2 * T * k * (2I * H + H * I)."""
+    return 2.0 * T * k * (2 * I * H + H * I)
+
+
+def calls_for_row(need, ncopies):
+    """(calls in the graph, whether every call reuses its own logits): `need` calls keep 4x L2 between
+    two uses of one copy. One call suffices once a call touches 4x L2; otherwise at least `ncopies`
+    calls, cycling with fresh logits when there are fewer copies than needed."""
+    if need <= 1:
+        return 1, True
+    return max(need, ncopies), ncopies >= need
+
+
+def activation_bytes(T, H, I, k):
+    """Upper bound of the device memory one eager layer call allocates (the sorted rows, h, the
+    activation, y in bf16 and float32 twice, the output)."""
+    slots = T * k
+    return slots * (H * 2 + 2 * I * 2 + 2 * I * 2 + H * 2 + 2 * H * 4) + T * H * 6
+
+
 def fmt_count(v):
     return str(int(v)) if float(v).is_integer() else f"{v:.1f}"
 
 
+def with_roofline(r, bf16_rate):
+    """Adds the derived columns to a row holding preset, tokens, experts, bytes, times, floor_us, flops."""
+    r["tbps"] = r["bytes"] / (r["median_us"] * 1e-6) / 1e12
+    r["ratio"] = r["median_us"] / r["floor_us"]
+    r["compute_us"] = r["flops"] / bf16_rate * 1e6
+    r["roofline_us"] = max(r["floor_us"], r["compute_us"])
+    r["roofline_ratio"] = r["median_us"] / r["roofline_us"]
+    r["tflops"] = r["flops"] / (r["median_us"] * 1e-6) / 1e12
+    return r
+
+
 def format_table(rows):
     """Fixed-width table of result dicts keyed by COLUMNS."""
-    head = f"{'preset':<20} {'T':>5} {'experts':>8} {'bytes':>14} {'median_us':>10} {'min_us':>10} " \
-           f"{'max_us':>10} {'TB/s':>6}"
+    head = f"{'preset':<20} {'T':>6} {'experts':>8} {'bytes':>14} {'median_us':>10} {'min_us':>10} " \
+           f"{'max_us':>10} {'TB/s':>6} {'floor_us':>10} {'ratio':>6} {'GFLOP':>9} {'comp_us':>10} " \
+           f"{'roof_us':>10} {'roof_x':>6} {'TFLOP/s':>7} {'calls':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['preset']:<20} {r['tokens']:>5} {fmt_count(r['experts']):>8} {int(r['bytes']):>14} "
-                     f"{r['median_us']:>10.1f} {r['min_us']:>10.1f} {r['max_us']:>10.1f} {r['tbps']:>6.2f}")
+        lines.append(f"{r['preset']:<20} {r['tokens']:>6} {fmt_count(r['experts']):>8} {int(r['bytes']):>14} "
+                     f"{r['median_us']:>10.1f} {r['min_us']:>10.1f} {r['max_us']:>10.1f} {r['tbps']:>6.2f} "
+                     f"{r['floor_us']:>10.1f} {r['ratio']:>6.2f} {r['flops'] / 1e9:>9.1f} {r['compute_us']:>10.1f} "
+                     f"{r['roofline_us']:>10.1f} {r['roofline_ratio']:>6.2f} {r['tflops']:>7.1f} {r['calls']:>5}")
     return "\n".join(lines)
 
 
@@ -146,7 +198,9 @@ def write_csv(path, rows):
         w.writerow(COLUMNS)
         for r in rows:
             w.writerow([r["preset"], r["tokens"], fmt_count(r["experts"]), int(r["bytes"]),
-                        f"{r['median_us']:.2f}", f"{r['min_us']:.2f}", f"{r['max_us']:.2f}", f"{r['tbps']:.4f}"])
+                        f"{r['median_us']:.2f}", f"{r['min_us']:.2f}", f"{r['max_us']:.2f}", f"{r['tbps']:.4f}",
+                        f"{r['floor_us']:.2f}", f"{r['ratio']:.3f}", f"{r['flops']:.4e}", f"{r['compute_us']:.2f}",
+                        f"{r['roofline_us']:.2f}", f"{r['roofline_ratio']:.3f}", f"{r['tflops']:.2f}", r["calls"]])
 
 
 def list_presets():
@@ -255,7 +309,8 @@ def make_logits(T, E, k, mode, gen):
 
 
 def alloc_copy(E, H, I, layout, gen):
-    """One layer's weights as the views torch._grouped_mm takes: w13 [E, H, 2I], w2 [E, I, H]."""
+    """One layer's weights as the views torch._grouped_mm takes: w13 [E, H, 2I], w2 [E, I, H]
+    (their storage is contiguous per expert either way: see storage_per_expert)."""
     def one(K, N):
         if layout == "nk":
             t = torch.empty(E, N, K, device="cuda", dtype=torch.bfloat16)
@@ -267,6 +322,13 @@ def alloc_copy(E, H, I, layout, gen):
     w13 = one(H, 2 * I)
     w2 = one(I, H)
     return w13, w2
+
+
+def storage_per_expert(w):
+    """The contiguous [E, ...] tensor behind a weight view (the transposed view of the nk layout)."""
+    base = w if w.is_contiguous() else w.transpose(1, 2)
+    assert base.is_contiguous()
+    return base
 
 
 def distinct_experts(logits, cfg):
@@ -287,6 +349,24 @@ def time_graph(calls, reps, warmup):
         for i, (x, lg, a, b, cfg) in enumerate(calls):
             outs[i] = moe_layer(x, lg, a, b, cfg)
 
+    return time_step(step, len(calls), reps, warmup)
+
+
+def time_floor(reads, reps, warmup):
+    """reads: list of (w13, w2, experts): per call, a float32 sum over the first `experts` experts'
+    storage of both weights (exactly the bytes the call's experts hold). Per-call times in us."""
+    sinks = [None] * len(reads)
+
+    def step():
+        for i, (a, b, d) in enumerate(reads):
+            sinks[i] = storage_per_expert(a)[:d].sum(dtype=torch.float32) + \
+                storage_per_expert(b)[:d].sum(dtype=torch.float32)
+
+    return time_step(step, len(reads), reps, warmup)
+
+
+def time_step(step, ncalls, reps, warmup):
+    """Warm-up, one CUDA graph of step(), `reps` replays timed with events; per-call times in us."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -306,9 +386,28 @@ def time_graph(calls, reps, warmup):
         graph.replay()
         end.record()
     torch.cuda.synchronize()
-    times = [start.elapsed_time(end) * 1000.0 / len(calls) for start, end in events]
-    del graph, outs
+    times = [start.elapsed_time(end) * 1000.0 / ncalls for start, end in events]
+    del graph
     return times
+
+
+def measure_bf16_rate(n, gen):
+    """FLOP/s of torch.matmul on random n x n bf16 matrices (cuBLAS), median of 20 after 5 warm-ups."""
+    a = torch.randn(n, n, device="cuda", generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", generator=gen).to(torch.bfloat16)
+    for _ in range(5):
+        c = a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        c = a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    del a, b, c
+    torch.cuda.empty_cache()
+    return 2.0 * n ** 3 / statistics.median(times)
 
 
 def header():
@@ -349,9 +448,13 @@ def run_preset(name, args, l2, rows, failures):
         plans.append((T, x, lg, d, need))
     want = args.copies or max(p[4] for p in plans)
 
+    # Room for the activations of the largest row (its eager warm-up and the graph's own pool).
+    act_max = max(2 * activation_bytes(p[0], H, I, k) for p in plans)
     free, _ = torch.cuda.mem_get_info()
     budget = free - int(args.reserve_gib * GiB)
-    fit = max(0, budget // layer_bytes)
+    fit = max(0, (budget - act_max) // layer_bytes)
+    if fit < 1 and budget >= layer_bytes:
+        fit = 1  # one copy; the rows whose activations do not fit beside it are skipped below
     ncopies = min(want, fit)
     if ncopies < 1:
         print(f"[{name}] skipped: one bf16 copy of the layer needs {layer_bytes / GiB:.1f} GiB, "
@@ -359,7 +462,7 @@ def run_preset(name, args, l2, rows, failures):
         return
     print(f"[{name}] H={H} I={I} E={E} k={k} routing={method} ({args.routing} logits); "
           f"{layer_bytes / GiB:.2f} GiB per copy, {ncopies} cop{'y' if ncopies == 1 else 'ies'} "
-          f"(wanted {want}, fit {fit})")
+          f"(wanted {want}, fit {fit}, {act_max / GiB:.1f} GiB kept for the activations)")
 
     copies = []
     try:
@@ -382,30 +485,68 @@ def run_preset(name, args, l2, rows, failures):
             del w13, w2, got, ref
 
         for T, x, lg, d, need in plans:
-            ncalls = max(need, ncopies)
-            if ncopies >= need:
-                # Enough copies: the same routing on each copy, so bytes are exact for this row.
-                calls = [(x, lg, copies[i][0], copies[i][1], cfg) for i in range(ncalls)]
-                experts = float(d)
-                note = f"{ncalls} calls over {ncopies} copies, same logits"
-            else:
-                lgs = [lg] + [make_logits(T, E, k, args.routing, gen) for _ in range(ncalls - 1)]
-                ds = [d] + [distinct_experts(l, cfg) for l in lgs[1:]]
-                calls = [(x, lgs[i], copies[i % ncopies][0], copies[i % ncopies][1], cfg) for i in range(ncalls)]
-                experts = sum(ds) / len(ds)
-                note = f"{ncalls} calls over {ncopies} cop{'y' if ncopies == 1 else 'ies'}, fresh logits per call"
-            times = time_graph(calls, args.reps, args.warmup)
-            med = statistics.median(times)
-            nbytes = experts * eb
-            rows.append({"preset": name, "tokens": T, "experts": experts, "bytes": nbytes, "median_us": med,
-                         "min_us": min(times), "max_us": max(times), "tbps": nbytes / (med * 1e-6) / 1e12})
-            print(f"[{name}] T={T}: {note}; median {med:.1f} us")
-            del calls
+            oom = None
+            try:
+                run_row(name, T, x, lg, d, need, copies, cfg, args, gen, rows)
+            except torch.cuda.OutOfMemoryError as e:
+                oom = str(e).splitlines()[0]
+            # Outside the except block, so the exception's frames no longer pin the row's tensors.
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            if oom:
+                print(f"[{name}] T={T}: skipped, out of GPU memory ({oom})")
     finally:
         del copies
         plans.clear()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def run_row(name, T, x, lg, d, need, copies, cfg, args, gen, rows):
+    H, I, E, k, method, params = cfg
+    eb = expert_bytes(H, I)
+    ncopies = len(copies)
+    ncalls, same = calls_for_row(need, ncopies)
+    # Memory: one call's activations twice (eager warm-up, graph pool) and every call's output.
+    free, _ = torch.cuda.mem_get_info()
+    act, out = 2 * activation_bytes(T, H, I, k), T * H * 2
+    room = free - int(args.reserve_gib * GiB) / 2 - act
+    if room < out:
+        print(f"[{name}] T={T}: skipped, needs {(act + out) / GiB:.1f} GiB for the activations, "
+              f"{free / GiB:.1f} GiB free")
+        return
+    short = ""
+    if ncalls * out > room:
+        ncalls = max(1, int(room // out))
+        same = ncopies >= ncalls
+        if ncalls < need:
+            short = f"; FEWER calls than {args.l2_factor:g} x L2 between reuses needs ({need}): memory"
+    if same:
+        # Enough copies (or one call that touches 4x L2): the same routing on each copy, so bytes
+        # are exact for this row.
+        calls = [(x, lg, copies[i % ncopies][0], copies[i % ncopies][1], cfg) for i in range(ncalls)]
+        ds = [d] * ncalls
+        note = (f"{ncalls} call{'s' if ncalls > 1 else ''} over {min(ncalls, ncopies)} "
+                f"cop{'y' if min(ncalls, ncopies) == 1 else 'ies'}, same logits"
+                + (" (one call touches >= %g x L2)" % args.l2_factor if need <= 1 else ""))
+    else:
+        lgs = [lg] + [make_logits(T, E, k, args.routing, gen) for _ in range(ncalls - 1)]
+        ds = [d] + [distinct_experts(l, cfg) for l in lgs[1:]]
+        calls = [(x, lgs[i], copies[i % ncopies][0], copies[i % ncopies][1], cfg) for i in range(ncalls)]
+        note = f"{ncalls} calls over {ncopies} cop{'y' if ncopies == 1 else 'ies'}, fresh logits per call"
+    times = time_graph(calls, args.reps, args.warmup)
+    del calls
+    torch.cuda.empty_cache()
+    reads = [(copies[i % ncopies][0], copies[i % ncopies][1], ds[i]) for i in range(ncalls)]
+    floor = statistics.median(time_floor(reads, args.reps, args.warmup))
+    med = statistics.median(times)
+    experts = sum(ds) / len(ds)
+    r = {"preset": name, "tokens": T, "experts": experts, "bytes": experts * eb, "median_us": med,
+         "min_us": min(times), "max_us": max(times), "floor_us": floor, "flops": layer_flops(T, H, I, k),
+         "calls": ncalls}
+    rows.append(with_roofline(r, args.bf16_rate))
+    print(f"[{name}] T={T}: {note}{short}; median {med:.1f} us, floor {floor:.1f} us, "
+          f"{r['tflops']:.1f} TFLOP/s, {r['roofline_ratio']:.2f}x the roofline")
 
 
 def main(argv=None):
@@ -428,6 +569,11 @@ def main(argv=None):
         print(f"error: torch {torch.__version__} has no torch._grouped_mm (needs >= 2.8)", file=sys.stderr)
         return 2
     l2 = header()
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(args.seed)
+    args.bf16_rate = measure_bf16_rate(args.gemm_size, gen)
+    print(f"# bf16 dense rate {args.bf16_rate / 1e12:.1f} TFLOP/s (torch.matmul {args.gemm_size}^3 bf16, random, "
+          f"median of 20); floor = float32 torch.sum over the touched bf16 bytes, same graph structure")
     print(f"# routing {args.routing}, tokens {','.join(map(str, args.tokens))}, reps {args.reps}, "
           f"weight layout {args.weight_layout}, L2 factor {args.l2_factor}")
     rows, failures = [], []

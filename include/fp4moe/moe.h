@@ -66,10 +66,27 @@ struct DeviceInputs {
 // constant above it.
 size_t workspace_size(const MoeProblem& p);
 
+// Workspace bytes a call with this problem needs under this plan (at most workspace_size(p) for
+// plans of make_plan; more for a plan whose prefill token chunk exceeds the planner's).
+size_t workspace_size(const MoeProblem& p, const Plan& plan);
+
 // Runs the layer. Validates the problem, pointers (non-null, alignment), the weights' layout against
 // the problem and the device (sm_90) before anything launches; throws fp4moe::Error otherwise.
 void run(const MoeProblem& p, const DeviceWeights& w, const DeviceInputs& in, void* workspace,
          size_t workspace_bytes, cudaStream_t stream);
+
+// Runs the layer with a given plan instead of make_plan(p): for measurements that time both tactics
+// at the same T (make_plan(p, DeviceDesc::current(), tactic)) or try other tile shapes. Validates as
+// above, then the plan against the problem (validate_plan) and the device (shared memory per block;
+// a batch_invariant problem needs the tactic and tile width make_plan picks for it).
+void run(const MoeProblem& p, const DeviceWeights& w, const DeviceInputs& in, void* workspace,
+         size_t workspace_bytes, cudaStream_t stream, const Plan& plan);
+
+// Checks that `plan` can run `p` without a GPU: made for the same problem shape (tokens, sizes,
+// experts, local range, format, input mode, gating, biases, batch_invariant) and with tactic fields
+// the kernels support (tile shapes compiled, stages and shared memory consistent, chunks covering
+// T). Throws fp4moe::Error naming the field, its expected and its given value.
+void validate_plan(const MoeProblem& p, const Plan& plan);
 
 // True when a CUDA device of compute capability 9.x is present (the GPU path needs sm_90a).
 bool gpu_available(std::string* why = nullptr);

@@ -59,6 +59,7 @@ struct PrefillTactic {
 };
 
 struct Plan {
+  MoeProblem problem;        // the problem the plan was made for (run(..., plan) checks it)
   Tactic tactic = Tactic::decode;
   int sms = 0;
   std::string device;        // DeviceDesc::name the plan was made for
@@ -78,6 +79,9 @@ struct Plan {
 
 // The plan for `p` on device `d`. Pure: the same inputs give the same plan on any machine.
 Plan make_plan(const MoeProblem& p, const DeviceDesc& d);
+// The plan of a given tactic, whatever the crossover says (measurements time both tactics at the
+// same T; run(..., plan) executes it). Batch-invariant problems accept only the prefill tactic.
+Plan make_plan(const MoeProblem& p, const DeviceDesc& d, Tactic tactic);
 // The plan `run` uses on the current device. FP4MOE_LOG_PLAN=1 prints each new plan once.
 Plan make_plan(const MoeProblem& p);
 

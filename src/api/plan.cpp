@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <utility>
 
 #include "common/cuda_check.h"
 #include "fp4moe/error.h"
@@ -188,26 +189,30 @@ PrefillTactic plan_prefill(const MoeProblem& p, const DeviceDesc& d) {
 
 }  // namespace
 
-Plan make_plan(const MoeProblem& p, const DeviceDesc& d) {
+namespace {
+
+// The tactic the crossover rule picks, and why.
+std::pair<Tactic, std::string> choose_tactic(const MoeProblem& p, const DeviceDesc& d) {
+  const Crossover c = crossover(p, d);
+  if (p.batch_invariant)
+    return {Tactic::prefill, "batch_invariant: one kernel family (prefill) and one tile width for every T"};
+  if (p.tokens >= c.prefill_from_tokens)
+    return {Tactic::prefill, "T >= " + std::to_string(c.prefill_from_tokens) + " (" + c.source + ")"};
+  return {Tactic::decode, "T < " + std::to_string(c.prefill_from_tokens) + " (" + c.source + ")"};
+}
+
+Plan build_plan(const MoeProblem& p, const DeviceDesc& d, Tactic tactic, std::string reason) {
   p.validate();
   FP4MOE_CHECK(d.sms > 0 && d.smem_per_block > 0 && d.smem_per_sm > 0,
                "device description '" << d.name << "' lacks SM count or shared memory sizes");
   const PackedLayout L =
       PackedLayout::make(p.hidden, p.intermediate, p.local_experts(), p.format, p.gated(), p.has_bias);
   Plan plan;
+  plan.problem = p;
   plan.sms = d.sms;
   plan.device = d.name;
-  const Crossover c = crossover(p, d);
-  if (p.batch_invariant) {
-    plan.tactic = Tactic::prefill;
-    plan.reason = "batch_invariant: one kernel family (prefill) and one tile width for every T";
-  } else if (p.tokens >= c.prefill_from_tokens) {
-    plan.tactic = Tactic::prefill;
-    plan.reason = "T >= " + std::to_string(c.prefill_from_tokens) + " (" + c.source + ")";
-  } else {
-    plan.tactic = Tactic::decode;
-    plan.reason = "T < " + std::to_string(c.prefill_from_tokens) + " (" + c.source + ")";
-  }
+  plan.tactic = tactic;
+  plan.reason = std::move(reason);
   if (plan.tactic == Tactic::decode)
     plan.decode = plan_decode(p, d, L);
   else
@@ -222,6 +227,24 @@ Plan make_plan(const MoeProblem& p, const DeviceDesc& d) {
   if (d.hbm_bytes_per_s > 0) plan.byte_floor_us = double(plan.weight_bytes) / d.hbm_bytes_per_s * 1e6;
   if (d.bf16_flops > 0) plan.compute_floor_us = plan.flops / d.bf16_flops * 1e6;
   return plan;
+}
+
+}  // namespace
+
+Plan make_plan(const MoeProblem& p, const DeviceDesc& d) {
+  auto [tactic, reason] = choose_tactic(p, d);
+  return build_plan(p, d, tactic, std::move(reason));
+}
+
+Plan make_plan(const MoeProblem& p, const DeviceDesc& d, Tactic tactic) {
+  FP4MOE_CHECK(!p.batch_invariant || tactic == Tactic::prefill,
+               "a batch_invariant problem runs the prefill tactic only (one summation order for every T), "
+               "tactic " << to_string(tactic) << " was requested");
+  const auto [chosen, why] = choose_tactic(p, d);
+  std::string reason = chosen == tactic ? why : std::string("tactic ") + std::string(to_string(tactic)) +
+                                                    " requested; the planner picks " +
+                                                    std::string(to_string(chosen)) + ": " + why;
+  return build_plan(p, d, tactic, std::move(reason));
 }
 
 Plan make_plan(const MoeProblem& p) {

@@ -467,6 +467,17 @@ CLI_ERRORS = [
     (["bench", "--tokens", "1,,2"], "--tokens expects an integer"),
     (["bench", "--reps", "5"], r"--reps expects an integer in \[10, 100000\]"),
     (["bench", "--seed", "-1"], "--seed expects"),
+    (["bench", "--tactic", "fast"], "--tactic expects auto, decode or prefill, got 'fast'"),
+    (["bench", "--crossover", "--tactic", "decode"], "--crossover times both tactics"),
+    (["bench", "--batch-invariant", "--tactic", "decode"], "--batch-invariant runs the prefill tactic only"),
+    (["bench", "--gemm-size", "100"], r"--gemm-size expects an integer in \[256, 32768\]"),
+    (["plan"], "--preset is required"),
+    (["plan", *P, "--device", "h300"], "unknown device 'h300': expected h100 or h200"),
+    (["plan", *P, "--tokens", "8,-1"], "--tokens expects an integer"),
+    (["plan", "--preset", "no-such"], "no-such"),
+    (["plan", *P, "--experts-local", "1:0"], "COUNT"),
+    (["plan", *P, "--format", "fp8"], "unknown format 'fp8'"),
+    (["plan", *P, "--input-mode", "w8a8"], "w8a8"),
 ]
 
 

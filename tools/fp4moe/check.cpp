@@ -21,6 +21,7 @@
 #include "fp4moe/weights.h"
 #include "naive_moe.h"
 #include "numbers.h"
+#include "problem_flags.h"
 
 namespace fp4moe::cli {
 namespace {
@@ -133,44 +134,13 @@ const Backend& find_backend(std::string name) {
 }
 
 // ---- the problem ---------------------------------------------------------------------------------
-void parse_experts_local(const CheckOptions& opt, MoeProblem& p);
-
 MoeProblem make_problem(const CheckOptions& opt) {
-  const Preset& preset = find_preset(opt.preset);
-  MoeProblem p = preset.problem(opt.tokens);
-  if (!opt.routing.empty()) {
-    const RoutingMethod m = parse_routing(opt.routing);
-    if (m != p.routing.method) {
-      // Another method keeps only what applies to it: the preset's bias where the method has one,
-      // the grouping only for deepseek_v3 (one group, scale 1 when the preset has none).
-      RoutingConfig r;
-      r.method = m;
-      r.has_bias = preset.routing.has_bias &&
-                   (m == RoutingMethod::topk_softmax || m == RoutingMethod::deepseek_v3);
-      p.routing = r;
-    }
-  }
-  if (!opt.format.empty()) p.format = parse_format(opt.format);
-  p.input_mode = parse_input_mode(opt.input_mode);
-  parse_experts_local(opt, p);
-  p.validate();
-  return p;
-}
-
-// --experts-local OFFSET:COUNT into the problem's local expert range.
-void parse_experts_local(const CheckOptions& opt, MoeProblem& p) {
-  if (!opt.experts_local.empty()) {
-    const size_t colon = opt.experts_local.find(':');
-    FP4MOE_CHECK(colon != std::string::npos,
-                 "--experts-local expects OFFSET:COUNT, got '" << opt.experts_local << "'");
-    const std::string_view text = opt.experts_local;
-    p.local_expert_offset =
-        parse_integer<int>(text.substr(0, colon), "--experts-local OFFSET (of OFFSET:COUNT)", 0, INT32_MAX);
-    p.num_local_experts =
-        parse_integer<int>(text.substr(colon + 1), "--experts-local COUNT (of OFFSET:COUNT)", 1, INT32_MAX);
-    FP4MOE_CHECK(p.num_local_experts > 0,
-                 "--experts-local COUNT must be positive, got " << p.num_local_experts);
-  }
+  ProblemFlags f;
+  f.routing = opt.routing;
+  f.format = opt.format;
+  f.input_mode = opt.input_mode;
+  f.experts_local = opt.experts_local;
+  return preset_problem(opt.preset, opt.tokens, f);
 }
 
 // A layer of a checkpoint: its problem, weights and router from the files.
@@ -179,7 +149,7 @@ LoadedLayer load_checkpoint_layer(const CheckOptions& opt) {
   FP4MOE_CHECK(opt.routing.empty() && opt.format.empty(),
                "--routing and --format come from the checkpoint; drop them with --checkpoint");
   MoeProblem range;
-  parse_experts_local(opt, range);
+  apply_experts_local(opt.experts_local, range);
   LoadOptions lo;
   lo.input_mode = parse_input_mode(opt.input_mode);
   lo.local_expert_offset = range.local_expert_offset;

@@ -9,4 +9,5 @@ void add_inspect_command(CLI::App& app);
 void add_device_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
 void add_prepack_command(CLI::App& app);
+void add_plan_command(CLI::App& app);
 }  // namespace fp4moe::cli

@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   fp4moe::cli::add_device_command(app);
   fp4moe::cli::add_bench_command(app);
   fp4moe::cli::add_prepack_command(app);
+  fp4moe::cli::add_plan_command(app);
   if (argc < 2) return fail("a command is required; commands: " + command_list(app) +
                             " (`fp4moe <command> --help` lists its options)");
   const std::string first = argv[1];
