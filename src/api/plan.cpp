@@ -96,8 +96,10 @@ struct CrossoverEntry {
   const char* source;
 };
 constexpr CrossoverEntry kCrossover[] = {
-    {"H200", 65, "initial rule: decode while one 64-token launch covers T; to be replaced by the measured crossover"},
-    {"H100", 65, "initial rule: decode while one 64-token launch covers T (no prefill measurement on the H100)"},
+    {"H200", 65,
+     "measured on an H200, 2026-12-02 (BENCHMARKS.md, crossover): decode 1.5-2.0x faster at T <= 64 on all four "
+     "headline presets, prefill faster from T = 96 (gpt-oss-120b: decode 3% ahead at 96, prefill from 128)"},
+    {"H100", 65, "not measured on an H100: the H200's switch point (same SMs; the decode side is memory-bound)"},
 };
 
 }  // namespace
