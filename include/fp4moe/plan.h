@@ -49,10 +49,7 @@ struct DecodeTactic {
 
 struct PrefillTactic {
   int block_m = 0;           // weight rows per tile (64 per consumer warpgroup)
-  int block_n = 0;           // the widest token tile (rows of a B stage; each tile runs at the narrowest
-                             // compiled wgmma N that holds it)
-  int tile_base = 0;         // an expert's rows are cut into tiles of tile_base, the remainder joining the
-                             // last one while it fits block_n
+  int block_n = 0;           // tokens per tile (the wgmma N)
   int stages = 0;            // shared-memory pipeline depth, in k-tiles of 64 columns
   int blocks = 0;            // persistent grid of the GEMM kernels (one block per SM)
   int threads = 0;           // one producer warpgroup + the consumer warpgroups

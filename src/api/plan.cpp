@@ -160,7 +160,7 @@ int64_t prefill_token_chunk(const MoeProblem& p) {
   // Workspace per token, then the largest power of two in [1024, 16384] tokens whose workspace stays
   // within 2 GiB (deepseek-v3: 4096 tokens, about 1.5 GB).
   const int64_t per_token = kernels::PrefillWorkspace::make(1024, p.top_k, p.local_experts(), p.hidden,
-                                                            p.intermediate, kernels::kPrefillTileNarrow)
+                                                            p.intermediate, kernels::kPrefillTileBase)
                                 .total /
                             1024;
   int64_t c = 16384;
@@ -177,16 +177,8 @@ PrefillTactic plan_prefill(const MoeProblem& p, const DeviceDesc& d) {
   t.token_chunk = std::min<int64_t>(std::max<int64_t>(p.tokens, 1), prefill_token_chunk(p));
   t.passes = ceil_div(std::max<int64_t>(p.tokens, 1), t.token_chunk);
   // Token tiles of up to kPrefillTileMax rows, each run at the narrowest wgmma width that holds it
-  // (params.h); narrow tiles (more stages) when a pass gives each expert few rows. Batch-invariant mode
-  // keeps the wide shape for every T (the results do not depend on it: see docs/prefill.md; one shape
-  // keeps the guarantee independent of that).
-  const double rows_per_expert = double(t.token_chunk) * p.top_k / p.num_experts;
-  if (!p.batch_invariant && rows_per_expert <= kernels::kPrefillNarrowBelowRows) {
-    t.block_n = t.tile_base = kernels::kPrefillTileNarrow;
-  } else {
-    t.block_n = kernels::kPrefillTileMax;
-    t.tile_base = kernels::kPrefillTileBase;
-  }
+  // (params.h): the same for every T, so batch-invariant mode needs no other choice.
+  t.block_n = kernels::kPrefillTileMax;
   const size_t stage = kernels::prefill_stage_bytes(t.block_m, t.block_n, p.format);
   const size_t avail = d.smem_per_block - kernels::kPrefillSmemReserve;
   t.stages = int(std::min<size_t>(kernels::kPrefillMaxStages, avail / stage));
@@ -283,7 +275,7 @@ std::string Plan::to_string() const {
   } else {
     o << " tile=" << prefill.block_m << "x" << prefill.block_n << " stages=" << prefill.stages
       << " blocks=" << prefill.blocks << " threads=" << prefill.threads << " smem=" << prefill.smem_bytes
-      << " tile_base=" << prefill.tile_base << " token_chunk=" << prefill.token_chunk << " passes=" << prefill.passes;
+      << " token_chunk=" << prefill.token_chunk << " passes=" << prefill.passes;
   }
   o << " est_bytes=" << weight_bytes << " est_floor_us=" << std::max(byte_floor_us, compute_floor_us) << "}";
   return o.str();

@@ -79,9 +79,9 @@ GemmFn pick_gemm(Format f) {
   return f == Format::nvfp4 ? prefill_gemm_kernel<Format::nvfp4, PHASE> : prefill_gemm_kernel<Format::mxfp4, PHASE>;
 }
 
-kernels::BMaps b_maps(const void* base, int64_t rows, int cols, int tile_max, const char* what) {
+kernels::BMaps b_maps(const void* base, int64_t rows, int cols, const char* what) {
   return {rows_map(base, rows, cols, 32, what), rows_map(base, rows, cols, 64, what),
-          rows_map(base, rows, cols, tile_max, what)};
+          rows_map(base, rows, cols, kernels::kPrefillTileMax, what)};
 }
 
 // Raises a kernel's dynamic shared-memory limit (once per device and size).
@@ -111,7 +111,7 @@ void launch(void (*fn)(Args...), int grid, int block, size_t smem, cudaStream_t 
 size_t prefill_workspace_bytes(const MoeProblem& p) {
   const int64_t chunk = std::min<int64_t>(p.tokens, prefill_token_chunk(p));
   return size_t(PrefillWorkspace::make(chunk, p.top_k, p.local_experts(), p.hidden, p.intermediate,
-                                       kernels::kPrefillTileNarrow)  // the shape with the most tiles
+                                       kernels::kPrefillTileBase)
                     .total);
 }
 
@@ -149,8 +149,8 @@ void launch_prefill(const MoeProblem& p, const PrefillTactic& t, const DeviceWei
   kp.alpha = p.activation.alpha;
   kp.limit = p.activation.limit;
   kp.w4a4 = p.input_mode == InputMode::w4a4;
-  kp.tile_base = t.tile_base;
-  kp.tile_max = t.block_n;
+  kp.tile_base = kernels::kPrefillTileBase;
+  kp.tile_max = kernels::kPrefillTileMax;
   kp.ws = static_cast<uint8_t*>(workspace);
 
   const GemmFn gemm1 = pick_gemm<1>(p.format), gemm2 = pick_gemm<2>(p.format);
@@ -180,8 +180,8 @@ void launch_prefill(const MoeProblem& p, const PrefillTactic& t, const DeviceWei
       kp.tw = in.topk_weights + t0 * p.top_k;
     }
     const int64_t slots = int64_t(Tp) * p.top_k;
-    const kernels::BMaps b13 = b_maps(kp.ws + kp.W.xs_off, slots, kp.W.h_pad, t.block_n, "gathered tokens");
-    const kernels::BMaps b2 = b_maps(kp.ws + kp.W.act_off, slots, kp.W.i_pad, t.block_n, "intermediate activations");
+    const kernels::BMaps b13 = b_maps(kp.ws + kp.W.xs_off, slots, kp.W.h_pad, "gathered tokens");
+    const kernels::BMaps b2 = b_maps(kp.ws + kp.W.act_off, slots, kp.W.i_pad, "intermediate activations");
 
     if (routed)
       launch(kernels::prefill_route_kernel, int(ceil_div(Tp, kernels::kPrefillRouteWarps)), kernels::kPrefillRouteWarps * 32,

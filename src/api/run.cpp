@@ -143,12 +143,9 @@ void validate_plan(const MoeProblem& p, const Plan& plan) {
                  "plan.prefill.block_m = " << t.block_m << ", the prefill kernels are built for " << kernels::kPrefillBlockM);
     // Tiles are cut from each expert's rows at run time (up to kPrefillTileMax, each at the narrowest
     // compiled wgmma width); the stage layout is sized for the widest.
-    FP4MOE_CHECK((t.block_n == kernels::kPrefillTileMax && t.tile_base == kernels::kPrefillTileBase) ||
-                     (t.block_n == kernels::kPrefillTileNarrow && t.tile_base == kernels::kPrefillTileNarrow),
-                 "plan.prefill.block_n = " << t.block_n << " with tile_base " << t.tile_base
-                                           << ": the prefill kernels cut token tiles of up to " << kernels::kPrefillTileMax
-                                           << " rows from tiles of " << kernels::kPrefillTileBase << ", or of up to "
-                                           << kernels::kPrefillTileNarrow << " rows from tiles of " << kernels::kPrefillTileNarrow);
+    FP4MOE_CHECK(t.block_n == kernels::kPrefillTileMax,
+                 "plan.prefill.block_n = " << t.block_n << ": the prefill kernels cut token tiles of up to "
+                                           << kernels::kPrefillTileMax << " rows and size their stages for that");
     FP4MOE_CHECK(t.threads == kernels::kPrefillThreads,
                  "plan.prefill.threads = " << t.threads << ", the prefill kernels are built for " << kernels::kPrefillThreads);
     FP4MOE_CHECK(t.stages >= 2 && t.stages <= kernels::kPrefillMaxStages,
@@ -172,7 +169,7 @@ size_t workspace_size(const MoeProblem& p, const Plan& plan) {
   if (p.tokens == 0) return 0;
   if (plan.tactic == Tactic::decode) return detail::decode_workspace_bytes(p);
   return size_t(kernels::PrefillWorkspace::make(plan.prefill.token_chunk, p.top_k, p.local_experts(), p.hidden,
-                                                p.intermediate, plan.prefill.tile_base)
+                                                p.intermediate, kernels::kPrefillTileBase)
                     .total);
 }
 

@@ -198,8 +198,8 @@ TEST(PlanForcedTactic, EitherTacticAtAnyT) {
 
 // ---- tactic details --------------------------------------------------------------------------------
 
-// Token tiles are cut at run time (up to block_n rows, each at the narrowest compiled wgmma width that
-// holds it); block_n is kPrefillTileMax, or kPrefillTileNarrow when a pass gives each expert few rows.
+// Token tiles are cut at run time (up to kPrefillTileMax rows, each at the narrowest compiled wgmma
+// width that holds it); the plan's block_n is that widest tile, for every T and every problem.
 TEST(PlanShapes, PrefillTilesAreTheKernelsShapes) {
   const std::set<int> widths(std::begin(kernels::kPrefillWidths), std::end(kernels::kPrefillWidths));
   ASSERT_EQ(*widths.rbegin(), kernels::kPrefillTileMax) << "the widest compiled width holds the largest tile";
@@ -214,15 +214,7 @@ TEST(PlanShapes, PrefillTilesAreTheKernelsShapes) {
         // One producer warpgroup and the consumer warpgroups, each owning whole m64 wgmma rows.
         ASSERT_EQ(t.threads, 128 * (1 + kernels::kPrefillConsumers)) << name << " T=" << T;
         ASSERT_EQ(t.block_m % (64 * kernels::kPrefillConsumers), 0) << name << ": block_m " << t.block_m;
-        // Wide tiles, or narrow ones (more stages) when a pass gives each expert few rows.
-        const double rows = double(t.token_chunk) * p.top_k / p.num_experts;
-        if (rows <= kernels::kPrefillNarrowBelowRows) {
-          ASSERT_EQ(t.block_n, kernels::kPrefillTileNarrow) << name << " T=" << T;
-          ASSERT_EQ(t.tile_base, kernels::kPrefillTileNarrow) << name << " T=" << T;
-        } else {
-          ASSERT_EQ(t.block_n, kernels::kPrefillTileMax) << name << " T=" << T;
-          ASSERT_EQ(t.tile_base, kernels::kPrefillTileBase) << name << " T=" << T;
-        }
+        ASSERT_EQ(t.block_n, kernels::kPrefillTileMax) << name << " T=" << T;
       }
     }
 }
@@ -294,7 +286,7 @@ TEST(PlanShapes, PrefillTokenChunksCoverT) {
   for (const auto& [name, p] : problems()) {
     const int64_t cap = make_plan(at(p, int64_t(1) << 24), d, Tactic::prefill).prefill.token_chunk;
     const auto W = kernels::PrefillWorkspace::make(cap, p.top_k, p.local_experts(), p.hidden, p.intermediate,
-                                                   kernels::kPrefillTileNarrow);
+                                                   kernels::kPrefillTileBase);
     EXPECT_TRUE(W.total <= (int64_t(2) << 30) || cap == 1024) << name << ": chunk " << cap << ", " << W.total;
     for (const int64_t T : token_sweep(0)) {
       if (T == 0) continue;

@@ -229,8 +229,7 @@ template <Format F, int PHASE>
 __global__ void __launch_bounds__(kPrefillThreads, 1)
     prefill_gemm_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ CUtensorMap tm_a,
                         const __grid_constant__ CUtensorMap tm_s, const __grid_constant__ BMaps tm_b, int stages) {
-  constexpr int BN = kPrefillTileMax;  // accumulators for the widest tile
-  const int brows = p.tile_max;        // rows of a B stage
+  constexpr int BN = kPrefillTileMax;
   static_assert(PHASE == 1 || PHASE == 2, "PHASE 1: W13 + activation, PHASE 2: W2");
   static_assert(kPrefillBlockM == 256 && kPrefillConsumers == 2, "two consumer warpgroups of 2 x 64 weight rows");
   constexpr int STILE = scale_tile_bytes(F);
@@ -240,7 +239,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* sB = base;
-  uint8_t* sA = sB + size_t(stages) * brows * 128;
+  uint8_t* sA = sB + size_t(stages) * BN * 128;
   uint8_t* sS = sA + size_t(stages) * MTB * kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(sS + size_t(stages) * MTB * STILE);
   uint64_t* empty = full + stages;
@@ -278,7 +277,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
       for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x) {
         const PrefillTile tile = tiles[item / MB];
         const int m0 = tile.expert * MT + int(item % MB) * MTB;
-        const int box = tile.rows <= 32 ? 32 : tile.rows <= 64 ? 64 : brows;
+        const int box = tile.rows <= 32 ? 32 : tile.rows <= 64 ? 64 : BN;
         const CUtensorMap* bmap = box == 32 ? &tm_b.b32 : box == 64 ? &tm_b.b64 : &tm_b.bmax;
         for (int kt = 0; kt < KT; ++kt) {
           cutlass::arch::ClusterBarrier::wait(&empty[stage], phase ^ 1);
@@ -287,7 +286,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
                                        kt, m0);
           cute::SM90_TMA_LOAD_3D::copy(&tm_s, &full[stage], kTmaEvictNormal, sS + size_t(stage) * MTB * STILE, 0, kt,
                                        m0);
-          cute::SM90_TMA_LOAD_2D::copy(bmap, &full[stage], kTmaEvictNormal, sB + size_t(stage) * brows * 128,
+          cute::SM90_TMA_LOAD_2D::copy(bmap, &full[stage], kTmaEvictNormal, sB + size_t(stage) * BN * 128,
                                        kt * kTileCols, tile.row0);
           if (++stage == stages) {
             stage = 0;
@@ -327,7 +326,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
                         *reinterpret_cast<const uint16_t*>(st + mt_lo * STILE), a_lo);
         dequant_tile<F>(*reinterpret_cast<const uint4*>(at + mt_hi * kTileBytes),
                         *reinterpret_cast<const uint16_t*>(st + mt_hi * STILE), a_hi);
-        const uint8_t* btile = sB + size_t(stage) * brows * 128;
+        const uint8_t* btile = sB + size_t(stage) * BN * 128;
         // NOTES: the fences pin the dequantization before wgmma.fence; an instruction that defines an A
         // register between the fence and the wgmma makes ptxas serialize every wgmma (C7513).
 #pragma unroll

@@ -20,10 +20,6 @@ constexpr int kPrefillThreads = 128 * (1 + kPrefillConsumers);
 // leftover rows.
 constexpr int kPrefillTileBase = 128;
 constexpr int kPrefillTileMax = 160;
-// When a pass gives each expert few rows (memory-bound range), tiles of up to kPrefillTileNarrow rows:
-// the smaller B stages leave room for more stages, i.e. more weight bytes in flight per SM.
-constexpr int kPrefillTileNarrow = 64;
-constexpr double kPrefillNarrowBelowRows = 48;  // expected rows per expert and pass (uniform routing)
 constexpr int kPrefillWidths[6] = {32, 64, 96, 128, 144, 160};
 constexpr int kPrefillMaxStages = 16;
 constexpr size_t kPrefillSmemReserve = 6144;  // 1 KB alignment slack, barriers (2 x 16 x 8 B), the W4A4 epilogue exchange (4 KB)
