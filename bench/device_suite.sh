@@ -3,7 +3,8 @@
 # (scripts/build.sh), everything written under the out dir:
 #   torch.csv/.log          PyTorch bf16 torch._grouped_mm baseline, T = 1..64 and 128..16384 (one run)
 #   bench.txt, fp4moe.csv   the decode table (uniform routing, T = 1..64) beside it
-#   bench_{balanced,skewed,precomputed,mxfp4}.txt   spot rows of the decode table
+#   bench_{balanced,skewed,precomputed,mxfp4,w4a4}.txt   spot rows of the decode table
+#   prepack.txt             host and GPU prepack rates of one layer
 #   timeline.txt            per-phase timeline of one decode call
 #   prefill.txt/.csv        the prefill table (T = 128..16384, roofline columns, torch beside it)
 #   batch_invariant.txt/.csv  batch_invariant mode at a few T (its cost: against the rows above)
@@ -70,6 +71,7 @@ for r in balanced skewed; do
 done
 step decode_precomputed bench_to bench_precomputed.txt --preset "$presets" --tokens 1,8,64 --precomputed
 step decode_mxfp4 bench_to bench_mxfp4.txt --preset gpt-oss-120b --format mxfp4 --tokens 1,8,64
+step decode_w4a4 bench_to bench_w4a4.txt --preset "$presets" --input-mode w4a4 --tokens 1,8,64
 step timeline timeline_to timeline.txt --preset "$presets" --tokens 1,64 --reps 20
 
 step prefill bench_to prefill.txt --preset "$presets" --tokens "$prefill_tokens" --reps 50 "${torch_csv[@]}" \
@@ -77,6 +79,9 @@ step prefill bench_to prefill.txt --preset "$presets" --tokens "$prefill_tokens"
 step batch_invariant bench_to batch_invariant.txt --preset "$bi_presets" --tokens "$bi_tokens" --reps 50 \
   --batch-invariant --csv "$out/batch_invariant.csv"
 step crossover bench_to crossover.txt --preset "$presets" --crossover --reps 50 --csv "$out/crossover.csv"
+
+prepack_to() { timeout "$step_timeout" "$fp4moe" prepack "$@" 2>&1 | tee "$out/prepack.txt"; }
+step prepack prepack_to --preset deepseek-v3,qwen3-235b-a22b
 
 printf '%-22s %5d s\n' total $(($(date +%s) - suite_t0)) >> "$out/steps.txt"
 python3 "$root/bench/suite_summary.py" "$out" | tee "$out/summary.txt"

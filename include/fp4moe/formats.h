@@ -44,7 +44,7 @@ struct QuantizedMatrix {
 };
 
 // NVFP4 per-tensor scale in the decode direction for a tensor whose largest magnitude is amax:
-// amax / (6 * 448); 1.0 when amax is 0.
+// amax / (6 * 448), at least the smallest normal float (a subnormal amax); 1.0 when amax is 0.
 float nvfp4_global_scale(float amax);
 // Converts a global scale between directions (reciprocal); throws on 0, inf or NaN.
 float convert_global_scale(float g, ScaleDirection from, ScaleDirection to);

@@ -8,9 +8,11 @@
 // 16 bytes carries columns 16 q + 4 j + {0..3} as four pairs:
 //   p = 0: row g,     columns +0, +1      p = 1: row g + 8, columns +0, +1
 //   p = 2: row g,     columns +2, +3      p = 3: row g + 8, columns +2, +3
-// The bits (sign, e1, e0, m) of a pair's low element sit at p0 {15, 8, 7, 6}, p1 {12, 5, 4, 3},
-// p2 {9, 2, 1, 0}, p3 {14, 11, 10, 13}, its high element 16 bits higher: pair 0 is already a bf16x2
-// after one mask, pairs 1 and 2 are one shift away, pair 3 three (11 integer operations a word).
+// A pair is decoded by one AND with M = 0x81C081C0 (the bf16 sign, exponent bits 8-7 and mantissa
+// bit 6 of both halves) of a view of the word, 8 integer operations for the 4 pairs (unpack_pair):
+//   p0 = w & M     p1 = rotl(w, 12) & M     p2 = ((w << 2) ^ (w << 6)) & M     p3 = ((w << 2) ^ rotl(w, 8)) & M
+// The map from the word's 32 bits to the pairs' 32 bits is linear over GF(2) and invertible, so the
+// packer places a pair by XOR-ing one basis word per set nibble bit (src/api/pack_tile.h).
 // Block scales of the same tile, each stored once, re-encoded so that a bf16 multiplier is one shift
 // and add away. NVFP4 (a scale per 16 columns): 64 bytes, lane l owns bytes 2l (row g) and 2l + 1
 // (row g + 8), the scale of its 16 columns. MXFP4 (a scale per 32 columns): 32 bytes, block
@@ -42,6 +44,29 @@ constexpr int kTileRows = 16;
 constexpr int kTileCols = 64;
 constexpr int kTileBytes = kTileRows * kTileCols / 2;  // 512
 constexpr int kTokenChunk = 64;  // tokens per launch of the decode kernel
+
+// Pair P of a packed weight word as a bf16x2 holding e2m1 * 2^-126 per half: sign, exponent and
+// mantissa bits land in bf16 position (exact, the e2m1 subnormal 0.5 included). The one decode
+// formula of the layout: the kernels and the host tests both call it.
+FP4MOE_HD uint32_t rotl32(uint32_t w, int s) {
+#if defined(__CUDA_ARCH__)
+  return __funnelshift_l(w, w, s);
+#else
+  return (w << s) | (w >> (32 - s));
+#endif
+}
+constexpr uint32_t kPairMask = 0x81C081C0u;
+template <int P>
+FP4MOE_HD uint32_t unpack_pair(uint32_t w) {
+  static_assert(P >= 0 && P < 4, "a word holds four pairs");
+  if constexpr (P == 0) return w & kPairMask;
+  if constexpr (P == 1) return rotl32(w, 12) & kPairMask;
+  if constexpr (P == 2) return ((w << 2) ^ (w << 6)) & kPairMask;
+  return ((w << 2) ^ rotl32(w, 8)) & kPairMask;
+}
+FP4MOE_HD uint32_t unpack_pair(uint32_t w, int p) {
+  return p == 0 ? unpack_pair<0>(w) : p == 1 ? unpack_pair<1>(w) : p == 2 ? unpack_pair<2>(w) : unpack_pair<3>(w);
+}
 
 FP4MOE_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -91,6 +91,7 @@ void launch_decode(const MoeProblem& p, const DecodeTactic& t, const DeviceWeigh
   kp.router_bias = in.router_bias;
   kp.act = reinterpret_cast<__nv_bfloat16*>(static_cast<uint8_t*>(workspace) + wl.act);
   kp.y = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + wl.y);
+  kp.xq = reinterpret_cast<__nv_bfloat16*>(kp.y);  // W4A4: dead before GEMM2 writes y (grid barrier between)
   kp.method = p.routing.method;
   kp.route_on_device = routed;
   kp.renormalize = p.routing.renormalize;

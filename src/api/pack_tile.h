@@ -15,35 +15,37 @@
 
 namespace fp4moe::pack {
 
-// Bit positions (sign, e1, e0, m) of the low element of pair p inside a packed word; the high element
-// sits 16 bits above. Pairs 0-2 are the bf16 geometry (sign 15, exponent bits 8-7, mantissa 6) shifted
-// left by 0, 3 and 6 bits; pair 3 fills the remaining bits (see layout.h).
+// The bits of pair p in a packed word from one checkpoint byte (low nibble = low element): the XOR of
+// one basis word per set nibble bit, where basis word (p, n) is the word that unpack_pair (layout.h)
+// decodes to nibble bit n of pair p alone (bf16 bit 15, 8, 7, 6 for nibble bits 3..0 of the low
+// element, 16 higher for the high element) and to zero in the other pairs. The words are the columns
+// of the inverse of unpack_pair's linear map; tests/cpu/test_prepack.cpp checks every one of them.
 // Pair p of word j of a lane holds (row, columns): p0 (g, 4j+0/1), p1 (g+8, 4j+0/1), p2 (g, 4j+2/3),
 // p3 (g+8, 4j+2/3), i.e. source byte 2j + (p >> 1) of row g + 8 (p & 1): a checkpoint byte is exactly
 // one pair (element 2c in the low nibble, 2c + 1 in the high one).
-FP4MOE_HD uint32_t pair_bit(int p, int role) {
-  constexpr int kPairBits[4][4] = {{15, 8, 7, 6}, {12, 5, 4, 3}, {9, 2, 1, 0}, {14, 11, 10, 13}};
-  return uint32_t(kPairBits[p][role]);
+FP4MOE_HD uint32_t pair_basis(int p, int nibble_bit) {
+  constexpr uint32_t kBasis[4][8] = {
+      {0x40000055u, 0x00002280u, 0x00000100u, 0x00228000u, 0x00554000u, 0x22800000u, 0x01000000u, 0x80000022u},
+      {0x04000000u, 0x08000000u, 0x10000000u, 0x00000008u, 0x00000400u, 0x00000800u, 0x00001000u, 0x00080000u},
+      {0x40000010u, 0x00000002u, 0x00000004u, 0x00000200u, 0x00104000u, 0x00020000u, 0x00040000u, 0x02000000u},
+      {0x40000000u, 0x00000022u, 0x40000011u, 0x00002200u, 0x00004000u, 0x00220000u, 0x00114000u, 0x22000000u}};
+  return kBasis[p][nibble_bit];
 }
 
-// The bits of pair p in a packed word from one checkpoint byte (low nibble = low element).
 FP4MOE_HD uint32_t place_pair(int p, uint8_t byte) {
   uint32_t w = 0;
 FP4MOE_PACK_UNROLL
-  for (int role = 0; role < 4; ++role) {
-    const int bit = 3 - role;  // nibble bit of role: sign (3), e1 (2), e0 (1), m (0)
-    w |= uint32_t((byte >> bit) & 1) << pair_bit(p, role);
-    w |= uint32_t((byte >> (bit + 4)) & 1) << (pair_bit(p, role) + 16);
-  }
+  for (int n = 0; n < 8; ++n)
+    if ((byte >> n) & 1) w ^= pair_basis(p, n);
   return w;
 }
 
 // Word j of a lane from the 8 checkpoint bytes of its two rows (lo: row g, hi: row g + 8; columns
 // 16 q .. 16 q + 15 of the k-tile), after the scale fix-ups (fix_bytes). `place(p, byte)` is
-// place_pair or a table of it.
+// place_pair or a table of it; the pairs overlap in the word's bits and combine by XOR.
 template <class Place>
 FP4MOE_HD uint32_t lane_word(const uint8_t* lo, const uint8_t* hi, int j, Place place) {
-  return place(0, lo[2 * j]) | place(1, hi[2 * j]) | place(2, lo[2 * j + 1]) | place(3, hi[2 * j + 1]);
+  return place(0, lo[2 * j]) ^ place(1, hi[2 * j]) ^ place(2, lo[2 * j + 1]) ^ place(3, hi[2 * j + 1]);
 }
 
 // Re-encoded scale byte and the nibble fix-up it implies for the elements it covers.

@@ -142,9 +142,9 @@ DecodeTactic plan_decode(const MoeProblem& p, const DeviceDesc& d, const PackedL
   FP4MOE_CHECK(t.smem_bytes <= d.smem_per_block,
                "the decode kernel needs " << t.smem_bytes << " bytes of shared memory per block for this problem, "
                                           << d.name << " allows " << d.smem_per_block << " (too many local experts?)");
-  // Blocks per SM: the kernel's launch bounds (2 for W4A16 at 128 registers, 1 for W4A4), then shared
-  // memory (1 KB per block is reserved by the hardware).
-  const int by_regs = p.input_mode == InputMode::w4a4 ? 1 : 2;
+  // Blocks per SM: the kernel's launch bounds (2 at 128 registers, every variant), then shared memory
+  // (1 KB per block is reserved by the hardware).
+  const int by_regs = 2;
   const int by_smem = int(d.smem_per_sm / (t.smem_bytes + 1024));
   t.blocks = std::max(1, std::min(by_regs, by_smem)) * d.sms;
   // Experts a single token touches on this rank: the tasks of each phase at T = 1.

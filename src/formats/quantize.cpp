@@ -1,5 +1,6 @@
 // NVFP4 (ModelOpt recipe) and MXFP4 (OCP MX v1.0) quantization, dequantization and validation.
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <vector>
 
@@ -65,7 +66,9 @@ float nvfp4_global_scale(float amax) {
   FP4MOE_CHECK(std::isfinite(amax) && amax >= 0.0f,
                "nvfp4_global_scale needs a finite, non-negative amax, got " << amax << ".");
   if (amax == 0.0f) return 1.0f;
-  return amax / (kE2m1Max * kE4m3Max);
+  // A subnormal amax would give 0 (or a scale without a finite reciprocal): the smallest normal
+  // float instead, which quantizes such a tensor to zeros and the smallest codes.
+  return std::max(amax / (kE2m1Max * kE4m3Max), std::numeric_limits<float>::min());
 }
 
 float convert_global_scale(float g, ScaleDirection from, ScaleDirection to) {

@@ -274,6 +274,12 @@ float max_abs(const float* x, size_t n) {
 TEST(FormatsNvfp4, GlobalScale) {
   EXPECT_EQ(nvfp4_global_scale(2688.0f), 1.0f);
   EXPECT_EQ(nvfp4_global_scale(0.0f), 1.0f);
+  // A subnormal amax: the smallest normal scale, which has a finite reciprocal and quantizes.
+  const float tiny = std::numeric_limits<float>::denorm_min();
+  EXPECT_EQ(nvfp4_global_scale(tiny), std::numeric_limits<float>::min());
+  const std::vector<float> row(32, tiny);
+  const QuantizedMatrix q = quantize_nvfp4(row.data(), 1, 32, nvfp4_global_scale(tiny), ScaleDirection::decode);
+  for (const float v : dequantize(q)) EXPECT_TRUE(std::isfinite(v) && std::fabs(v) <= 1e-30f);
   EXPECT_EQ(convert_global_scale(4.0f, ScaleDirection::decode, ScaleDirection::encode), 0.25f);
   EXPECT_EQ(convert_global_scale(4.0f, ScaleDirection::encode, ScaleDirection::encode), 4.0f);
   EXPECT_THROW(convert_global_scale(0.0f, ScaleDirection::decode, ScaleDirection::encode), Error);

@@ -1,9 +1,10 @@
 // The packed kernel layout, decoded on the host with the same bit formulas the kernels use
-// (kernels/common/fragments.cuh), must reproduce every weight of the standard layout exactly.
+// (unpack_pair in include/fp4moe/layout.h, which kernels/common/fragments.cuh calls), must reproduce every weight of the standard layout exactly.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
+#include <random>
 #include <string>
 
 #include "api/pack_tile.h"
@@ -14,15 +15,8 @@ namespace {
 
 float bf16_bits(uint32_t b) { return bf16_to_float(uint16_t(b)); }
 
-// Mirrors e2m1_pair<P> and scale_pairs<F>.
-uint32_t pair_bits(uint32_t w, int p) {
-  switch (p) {
-    case 0: return w & 0x81C081C0u;
-    case 1: return (w << 3) & 0x81C081C0u;
-    case 2: return (w << 6) & 0x81C081C0u;
-    default: return ((w >> 3) & 0x01800180u) | ((w >> 7) & 0x00400040u) | ((w << 1) & 0x80008000u);
-  }
-}
+// The kernels' pair decode (layout.h, called by e2m1_pair<P>); scale_bits mirrors scale_pairs<F>.
+uint32_t pair_bits(uint32_t w, int p) { return unpack_pair(w, p); }
 uint32_t scale_bits(uint8_t b, Format f) { return f == Format::nvfp4 ? (uint32_t(b) << 4) + 0x7300u : uint32_t(b) << 7; }
 
 // Decodes one packed matrix of expert e into [m_tiles * 16, k_tiles * 64] values (before the
@@ -172,18 +166,49 @@ TEST(Prepack, Nvfp4ScaleReencodingMatchesItsDefinition) {
   }
 }
 
-// place_pair puts every nibble bit where layout.h says.
+// place_pair puts every nibble bit where the kernels' decode finds it: basis word (p, n) decodes to
+// bf16 bit {6, 7, 8, 15}[n % 4] (+16 for the high nibble) of pair p and to nothing in the other pairs.
 TEST(Prepack, PairPlacementFollowsTheLayout) {
-  const int bits[4][4] = {{15, 8, 7, 6}, {12, 5, 4, 3}, {9, 2, 1, 0}, {14, 11, 10, 13}};
-  uint32_t all = 0;
+  const int bf16_bit[4] = {6, 7, 8, 15};  // nibble bits m, e0, e1, sign
   for (int p = 0; p < 4; ++p)
-    for (int b = 0; b < 8; ++b) {
-      const uint32_t w = pack::place_pair(p, uint8_t(1u << b));
-      const int role = 3 - (b % 4);
-      EXPECT_EQ(w, 1u << (bits[p][role] + (b >= 4 ? 16 : 0))) << "pair " << p << " bit " << b;
-      all |= w;
+    for (int n = 0; n < 8; ++n) {
+      const uint32_t w = pack::place_pair(p, uint8_t(1u << n));
+      for (int d = 0; d < 4; ++d) {
+        const uint32_t want = d == p ? 1u << (bf16_bit[n % 4] + (n >= 4 ? 16 : 0)) : 0u;
+        EXPECT_EQ(pair_bits(w, d), want) << "pair " << p << " nibble bit " << n << " decoded as pair " << d;
+      }
     }
-  EXPECT_EQ(all, 0xFFFFFFFFu);  // the four pairs fill the word
+}
+
+// Every combination of four checkpoint bytes survives packing into a word and decoding (random words,
+// plus every byte value in every pair position).
+TEST(Prepack, PackedWordsDecodeToTheirBytes) {
+  std::mt19937 rng(20261204u);
+  auto nibble_bits = [](uint8_t b) {  // the bf16x2 bits a checkpoint byte must decode to
+    uint32_t v = 0;
+    const int bf16_bit[4] = {6, 7, 8, 15};
+    for (int n = 0; n < 8; ++n)
+      if ((b >> n) & 1) v |= 1u << (bf16_bit[n % 4] + (n >= 4 ? 16 : 0));
+    return v;
+  };
+  auto check = [&](const uint8_t lo[8], const uint8_t hi[8]) {
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t w = pack::lane_word(lo, hi, j, [](int p, uint8_t b) { return pack::place_pair(p, b); });
+      const uint8_t src[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
+      for (int p = 0; p < 4; ++p) ASSERT_EQ(pair_bits(w, p), nibble_bits(src[p])) << "word " << j << " pair " << p;
+    }
+  };
+  uint8_t lo[8], hi[8];
+  for (int it = 0; it < 20000; ++it) {
+    for (int i = 0; i < 8; ++i) { lo[i] = uint8_t(rng()); hi[i] = uint8_t(rng()); }
+    check(lo, hi);
+  }
+  for (int v = 0; v < 256; ++v)
+    for (int pos = 0; pos < 16; ++pos) {
+      for (int i = 0; i < 8; ++i) lo[i] = hi[i] = uint8_t(rng());
+      (pos < 8 ? lo : hi)[pos % 8] = uint8_t(v);
+      check(lo, hi);
+    }
 }
 
 }  // namespace

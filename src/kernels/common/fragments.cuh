@@ -11,18 +11,15 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 
+#include "fp4moe/layout.h"
 #include "fp4moe/types.h"
 
 namespace fp4moe::kernels {
 
-// Pair p of a packed word as a bf16x2 holding e2m1 * 2^-126: the sign, exponent and mantissa bits
-// land directly in bf16 position (exact, including the e2m1 subnormal 0.5). Bit geometry: layout.h.
+// Pair p of a packed word as a bf16x2 holding e2m1 * 2^-126 (layout.h: unpack_pair).
 template <int P>
 __device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
-  if constexpr (P == 0) return w & 0x81C081C0u;
-  if constexpr (P == 1) return (w << 3) & 0x81C081C0u;
-  if constexpr (P == 2) return (w << 6) & 0x81C081C0u;
-  return ((w >> 3) & 0x01800180u) | ((w >> 7) & 0x00400040u) | ((w << 1) & 0x80008000u);
+  return unpack_pair<P>(w);
 }
 
 // bf16 block-scale multipliers of rows g (lo) and g + 8 (hi), both halves equal, from the lane's two
@@ -84,7 +81,12 @@ __device__ __forceinline__ uint4 ldg_stream(const void* p) {
 
 // L2 policy for data read exactly once (the weight stream): evicted before anything else, so it does
 // not push out what was prefetched for the next phase.
-__device__ __forceinline__ uint64_t evict_first_policy() {
+// NOTES: the policy is the value createpolicy.fractional.L2::evict_first.b64 (fraction 1.0) returns,
+// as a constant: ptxas then keeps it in uniform registers, where a createpolicy result costs two
+// R2UR per load in the weight loop. tests/gpu/test_device_bits.cu checks that the two agree.
+constexpr uint64_t kEvictFirstPolicy = 0x12F0000000000000ull;
+__device__ __forceinline__ uint64_t evict_first_policy() { return kEvictFirstPolicy; }
+__device__ __forceinline__ uint64_t created_evict_first_policy() {
   uint64_t pol;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
   return pol;

@@ -27,7 +27,7 @@
 
 namespace fp4moe::kernels {
 
-constexpr int kPrefetch = 4;  // k-tiles of weights in flight per warp
+constexpr int kPrefetch = 4;  // k-tiles of weights in flight per warp with two m-tiles (eight with one)
 
 struct Lists {
   int* cnt;     // [num_local] slots per local expert
@@ -68,7 +68,10 @@ __device__ __forceinline__ void mark(const DecodeParams& p, int point) {
 
 // ---- expert lists ---------------------------------------------------------------------------------
 // Expects the chunk's routing in shared memory (sl.ids_off / sl.tw_off).
-__device__ inline Lists build_lists(const DecodeParams& p, uint8_t* smem, const SmemLayout& sl) {
+// The lists' view of shared memory, rebuilt from the launch parameters wherever a phase needs it
+// (a few integer operations), so no list pointer stays live in registers across the weight streams.
+__device__ __forceinline__ Lists lists_view(const DecodeParams& p, uint8_t* smem) {
+  const SmemLayout sl = SmemLayout::make(p.num_local, p.T * p.k, p.E);
   Lists ls;
   ls.ids = reinterpret_cast<const int*>(smem + sl.ids_off);
   ls.tw = reinterpret_cast<const float*>(smem + sl.tw_off);
@@ -77,6 +80,16 @@ __device__ inline Lists build_lists(const DecodeParams& p, uint8_t* smem, const 
   ls.active = reinterpret_cast<int*>(smem + sl.active_off);
   ls.slots = reinterpret_cast<int*>(smem + sl.slots_off);
   ls.rows = reinterpret_cast<int*>(smem + sl.rows_off);
+  const int* misc = reinterpret_cast<const int*>(smem + sl.misc_off);
+  ls.n_active = misc[0];
+  ls.n_rows = misc[1];
+  return ls;
+}
+
+// Builds the lists in shared memory (read them afterwards through lists_view).
+__device__ inline void build_lists(const DecodeParams& p, uint8_t* smem) {
+  Lists ls = lists_view(p, smem);
+  const SmemLayout sl = SmemLayout::make(p.num_local, p.T * p.k, p.E);
   int* misc = reinterpret_cast<int*>(smem + sl.misc_off);
   const int nslots = p.T * p.k;
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) ls.cnt[e] = 0;
@@ -142,24 +155,18 @@ __device__ inline Lists build_lists(const DecodeParams& p, uint8_t* smem, const 
     if (lane == 0) { misc[0] = nact; misc[1] = nrows; }
   }
   __syncthreads();
-  ls.n_active = misc[0];
-  ls.n_rows = misc[1];
-  return ls;
 }
 
 // ---- shared pieces of the two GEMM phases ---------------------------------------------------------
-// The lane's B operand for one k-tile: 16 bf16 of `row` at column `col` (zero when absent).
+// The lane's B operand for one k-tile: 16 bf16 of `row` from `p` (columns 16 q .. of the k-tile).
 template <bool L2_ONLY>
-__device__ __forceinline__ void load_b(uint4 (&xb)[2], const __nv_bfloat16* row, int col, bool in_range) {
-  xb[0] = xb[1] = make_uint4(0, 0, 0, 0);
-  if (row != nullptr && in_range) {
-    if constexpr (L2_ONLY) {  // written earlier in this launch: must bypass the incoherent L1
-      xb[0] = __ldcg(reinterpret_cast<const uint4*>(row + col));
-      xb[1] = __ldcg(reinterpret_cast<const uint4*>(row + col + 8));
-    } else {
-      xb[0] = ldg_cached(row + col);
-      xb[1] = ldg_cached(row + col + 8);
-    }
+__device__ __forceinline__ void load_b(uint4 (&xb)[2], const __nv_bfloat16* p) {
+  if constexpr (L2_ONLY) {  // written earlier in this launch: must bypass the incoherent L1
+    xb[0] = __ldcg(reinterpret_cast<const uint4*>(p));
+    xb[1] = __ldcg(reinterpret_cast<const uint4*>(p + 8));
+  } else {
+    xb[0] = ldg_cached(p);
+    xb[1] = ldg_cached(p + 8);
   }
 }
 
@@ -183,60 +190,97 @@ __device__ __forceinline__ void tile_mma(float (&acc)[MT][4], const uint4 (&a)[M
 // ---- the team GEMM shared by both phases -----------------------------------------------------------
 // A team of TW warps computes MT m-tiles (16 rows each) of one expert against one group of 8 B rows:
 // warp wt streams k-tiles [k0, k1) (a fixed split, so the order of the fp32 sums depends on the shape
-// only), four k-tiles of weights in flight, and the team's partial sums are added in warp order into
-// the accumulators of warp wt == 0, which alone holds the result afterwards.
+// only), U k-tiles of weights in flight (kPrefetch with two m-tiles), and the team's partial sums are added in warp
+// order into the accumulators of warp wt == 0, which alone holds the result afterwards.
 //   wbase / sbase: the lane's first weight / scale tile of m-tile 0 (k-tile 0); mstride_*: m-tile step
-//   brow: this lane's B row (token column g) or null; b_cols: valid columns of B
-template <Format F, int MT, bool B_FROM_L2, bool QUANT_B>
+//   brow: this lane's B row (token column g); lanes of absent tokens pass any valid row (an mma column
+//         depends on its own B column only, and absent columns are never stored)
+//   b_cols: valid columns of B (a multiple of 16; only the k-tile holding column b_cols - 1 can
+//         reach past it, and only the checked tail reads that tile)
+// NOTES: the steady-state loop runs whole groups of U k-tiles while at least 2U remain, so every
+// refill and every B load in it is in range without a check; a refill goes into the ring slot the
+// step has just consumed (no register copies) at a fixed immediate offset from pointers bumped once
+// per group. The last U..2U-1 k-tiles (or a short range) run in the checked, fully unrolled tail.
+template <Format F, int MT, bool B_FROM_L2>
 __device__ __forceinline__ void team_gemm(float (&acc)[MT][4], const uint8_t* wbase, const uint8_t* sbase,
                                           int64_t mstride_w, int64_t mstride_s, const __nv_bfloat16* brow,
-                                          int b_cols, float b_scale, int k0, int k1, int team, int TW, int wt,
-                                          float* red, uint64_t policy) {
-  constexpr int U = kPrefetch;
+                                          int b_cols, int k0, int k1, int team, int TW, int wt, float* red,
+                                          uint64_t policy) {
+  constexpr int U = kPrefetch * 2 / MT;  // the same bytes (and ring registers) in flight for MT = 1 and 2
+  constexpr int SB = scale_tile_bytes(F);
   static_assert(U % 2 == 0, "the B operand ping-pongs between two buffers across the unrolled k-tiles");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc[mt][r] = 0.0f;
+  const uint8_t* wp[MT];
+  const uint8_t* sp[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    wp[mt] = wbase + mt * mstride_w + int64_t(k0) * kTileBytes;
+    sp[mt] = sbase + mt * mstride_s + int64_t(k0) * SB;
+  }
+  const __nv_bfloat16* bp = brow + k0 * kTileCols + 16 * q;
+  int left = k1 - k0;  // k-tiles not yet consumed
   uint4 abuf[U][MT];
   uint32_t sbuf[U][MT];
 #pragma unroll
   for (int u = 0; u < U; ++u)
-    if (k0 + u < k1)
+    if (u < left)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(k0 + u) * kTileBytes, policy);
-        sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(k0 + u) * scale_tile_bytes(F));
+        abuf[u][mt] = ldg_stream(wp[mt] + u * kTileBytes, policy);
+        sbuf[u][mt] = ldg_u16(sp[mt] + u * SB);
       }
   uint4 xa[2], xb[2];
-  load_b<B_FROM_L2>(xa, brow, k0 * kTileCols + 16 * q, k0 < k1 && k0 * kTileCols + 16 * q < b_cols);
-  // One k-tile: consume A from the ring and refill it U tiles ahead; B from `cur`, the next tile's B
-  // into `nxt`.
-  auto step = [&](int u, int kt, uint4 (&cur)[2], uint4 (&nxt)[2]) {
-    uint4 a[MT];
-    uint32_t sc[MT];
+  if (left > 0) {
+    if (k0 * kTileCols + 16 * q < b_cols) load_b<B_FROM_L2>(xa, bp);
+    else xa[0] = xa[1] = make_uint4(0, 0, 0, 0);
+  }
+  // Steady state: consume ring slot u (k-tile u of the group), then refill it with k-tile U + u.
+  auto step = [&](int u, uint4 (&cur)[2], uint4 (&nxt)[2]) {
+    load_b<B_FROM_L2>(nxt, bp + (u + 1) * kTileCols);
+    tile_mma<F, MT>(acc, abuf[u], sbuf[u], cur);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) { a[mt] = abuf[u][mt]; sc[mt] = sbuf[u][mt]; }
-    if (kt + U < k1)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        abuf[u][mt] = ldg_stream(wbase + mt * mstride_w + int64_t(kt + U) * kTileBytes, policy);
-        sbuf[u][mt] = ldg_u16(sbase + mt * mstride_s + int64_t(kt + U) * scale_tile_bytes(F));
-      }
-    const int ncol = (kt + 1) * kTileCols + 16 * q;
-    load_b<B_FROM_L2>(nxt, brow, ncol, kt + 1 < k1 && ncol < b_cols);
-    if constexpr (QUANT_B) fake_quant_block(cur, b_scale);
-    tile_mma<F, MT>(acc, a, sc, cur);
+    for (int mt = 0; mt < MT; ++mt) {
+      abuf[u][mt] = ldg_stream(wp[mt] + (U + u) * kTileBytes, policy);
+      sbuf[u][mt] = ldg_u16(sp[mt] + (U + u) * SB);
+    }
   };
-  for (int base = k0; base < k1; base += U) {
+  for (; left >= 2 * U; left -= U) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int kt = base + u;
-      if (kt < k1) {
-        if (u % 2 == 0) step(u, kt, xa, xb);
-        else step(u, kt, xb, xa);
+      if (u % 2 == 0) step(u, xa, xb);
+      else step(u, xb, xa);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      wp[mt] += U * kTileBytes;
+      sp[mt] += U * SB;
+    }
+    bp += U * kTileCols;
+  }
+  // Tail: the last left < 2U k-tiles, every load checked.
+  const int col_end = b_cols - (k1 - left) * kTileCols - 16 * q;  // columns of B left to this lane
+  auto tail_step = [&](int u, uint4 (&cur)[2], uint4 (&nxt)[2]) {
+    if (u + 1 < left) {
+      if ((u + 1) * kTileCols < col_end) load_b<B_FROM_L2>(nxt, bp + (u + 1) * kTileCols);
+      else nxt[0] = nxt[1] = make_uint4(0, 0, 0, 0);
+    }
+    tile_mma<F, MT>(acc, abuf[u % U], sbuf[u % U], cur);
+    if (u + U < left)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        abuf[u % U][mt] = ldg_stream(wp[mt] + (U + u) * kTileBytes, policy);
+        sbuf[u % U][mt] = ldg_u16(sp[mt] + (U + u) * SB);
       }
+  };
+#pragma unroll
+  for (int u = 0; u < 2 * U - 1; ++u) {
+    if (u < left) {
+      if (u % 2 == 0) tail_step(u, xa, xb);
+      else tail_step(u, xb, xa);
     }
   }
   if (TW > 1) {
@@ -258,38 +302,19 @@ __device__ __forceinline__ void team_gemm(float (&acc)[MT][4], const uint8_t* wb
   }
 }
 
-// ---- phase 1: GEMM1 + activation ------------------------------------------------------------------
-// Task = (active expert, 16 intermediate rows); one pass per 8 of the expert's slots.
+// GEMM1's epilogue: scales, bias, activation, (W4A4) quantization of a, store. The task's expert and
+// slots and the expert's factors are read here, not kept from before the weight stream.
 template <Format F, bool GATED, bool W4A4>
-__device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red) {
-  constexpr int MT = GATED ? 2 : 1;
+__device__ __forceinline__ void gemm1_epilogue(const DecodeParams& p, const Lists& ls, int task, int pass,
+                                               const float (&acc)[GATED ? 2 : 1][4]) {
+  asm volatile("" ::: "memory");
   const PackedLayout& L = p.L;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int TW = p.team1, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
-  const int KT = L.k_tiles13;
-  const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW;
-  const int g = lane >> 2, q = lane & 3;
-  const int ntasks = ls.n_active * L.i_blocks;
-  const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * scale_tile_bytes(F);
-  const uint64_t policy = evict_first_policy();
-
-  for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
-    const int ai = task / L.i_blocks, b = task % L.i_blocks;
-    const int e = ls.active[ai];
-    const int n = ls.cnt[e], s0 = ls.start[e];
-    const uint8_t* wbase = p.wts + L.w13_off + e * L.w13_expert_bytes() + MT * b * mstride_w + lane * 16;
-    const uint8_t* sbase = p.wts + L.s13_off + e * L.s13_expert_bytes() + MT * b * mstride_s + lane_scale_offset(F, lane);
-    const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
-
-    for (int pass = 0; pass < n; pass += 8) {
-      const int np = min(n - pass, 8);
-      const __nv_bfloat16* xrow = g < np ? p.x + int64_t(ls.slots[s0 + pass + g] / p.k) * p.H : nullptr;
-      float acc[MT][4];
-      team_gemm<F, MT, false, W4A4>(acc, wbase, sbase, mstride_w, mstride_s, xrow, p.H, ms.in13, k0, k1, team, TW,
-                                    wt, red, policy);
-      if (wt != 0) continue;
-
-      // Epilogue: scales, bias, activation, (W4A4) quantization of a, store.
+  const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
+  const int b = task % L.i_blocks, e = ls.active[task / L.i_blocks];
+  const int s0 = ls.start[e], np = min(ls.cnt[e] - pass, 8);
+  {
+    {
+      const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
       const float* b13 = p.L.has_bias ? reinterpret_cast<const float*>(p.wts + L.b13_off) + e * L.b13_expert_floats() : nullptr;
       const int half = 16 * L.i_blocks;
       const float in13 = W4A4 ? ms.in13 : 1.0f;
@@ -332,12 +357,82 @@ __device__ inline void gemm1(const DecodeParams& p, const Lists& ls, float* red)
   }
 }
 
+// ---- phase 1: GEMM1 + activation ------------------------------------------------------------------
+// Task = (active expert, 16 intermediate rows); one pass per 8 of the expert's slots.
+template <Format F, bool GATED, bool W4A4>
+__device__ inline void gemm1(const DecodeParams& p, uint8_t* smem, float* red) {
+  const Lists ls = lists_view(p, smem);
+  constexpr int MT = GATED ? 2 : 1;
+  const PackedLayout& L = p.L;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int TW = p.team1, teams = kDecodeWarps / TW, team = warp / TW, wt = warp % TW;
+  const int KT = L.k_tiles13;
+  const int k0 = wt * KT / TW, k1 = (wt + 1) * KT / TW;
+  const int g = lane >> 2, q = lane & 3;
+  const int ntasks = ls.n_active * L.i_blocks;
+  const int64_t mstride_w = int64_t(KT) * kTileBytes, mstride_s = int64_t(KT) * scale_tile_bytes(F);
+  const uint64_t policy = evict_first_policy();
+
+  for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += gridDim.x * teams) {
+    const int n = ls.cnt[ls.active[task / L.i_blocks]];
+    for (int pass = 0; pass < n; pass += 8) {
+      // The task's expert, block and slots, read from shared memory again for every pass and after the
+      // weight stream (a compiler barrier), so they hold no registers while it runs.
+      asm volatile("" ::: "memory");
+      const int b = task % L.i_blocks, e = ls.active[task / L.i_blocks];
+      const int s0 = ls.start[e], np = min(n - pass, 8);
+      const uint8_t* wbase = p.wts + L.w13_off + e * L.w13_expert_bytes() + MT * b * mstride_w + lane * 16;
+      const uint8_t* sbase = p.wts + L.s13_off + e * L.s13_expert_bytes() + MT * b * mstride_s + lane_scale_offset(F, lane);
+      // Lanes past the pass's last token read that token's row (never stored).
+      const int slot_g = ls.slots[s0 + pass + min(g, np - 1)];
+      const __nv_bfloat16* xrow = W4A4 ? p.xq + int64_t(slot_g) * p.H : p.x + int64_t(slot_g / p.k) * p.H;
+      float acc[MT][4];
+      team_gemm<F, MT, W4A4>(acc, wbase, sbase, mstride_w, mstride_s, xrow, p.H, k0, k1, team, TW, wt, red,
+                             policy);
+      if (wt != 0) continue;
+      gemm1_epilogue<F, GATED, W4A4>(p, ls, task, pass, acc);
+    }
+  }
+}
+
+
 // ---- phase 2: GEMM2 -------------------------------------------------------------------------------
 // Task = (work row: an expert and up to 8 of its slots, 32 rows of H), the same team GEMM as phase 1.
 // Each slot's y = W2 a (times the expert's scales) lands in its own row of `y`, so the finalize can
 // add a token's experts in its own slot order, whatever else shares the batch.
+
+// GEMM2's epilogue: the task's expert and slots are read again from shared memory here (after a
+// compiler barrier) rather than kept in registers across the weight stream.
 template <Format F, bool W4A4>
-__device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* red) {
+__device__ __forceinline__ void epilogue2(const DecodeParams& p, const Lists& ls, int task,
+                                          const float (&acc)[kTask2Tiles][4]) {
+  asm volatile("" ::: "memory");
+  constexpr int MT = kTask2Tiles;
+  const PackedLayout& L = p.L;
+  const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
+  const int htiles = L.m_tiles2 / MT;
+  const int r = task / htiles, ht = task % htiles;
+  const int info = ls.rows[r], e = info >> 8, pass = info & 0xff;
+  const int n = min(ls.cnt[e] - pass, 8), s0 = ls.start[e] + pass;
+  const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
+  const float f = ms.down * (W4A4 ? ms.in2 : 1.0f);
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int colx = 2 * q + c;
+    if (colx >= n) continue;
+    float* yrow = p.y + int64_t(ls.slots[s0 + colx]) * p.H;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int h = ht * 16 * MT + 16 * mt + g;
+      if (h < p.H) yrow[h] = acc[mt][c] * f;
+      if (h + 8 < p.H) yrow[h + 8] = acc[mt][2 + c] * f;
+    }
+  }
+}
+
+template <Format F, bool W4A4>
+__device__ inline void gemm2(const DecodeParams& p, uint8_t* smem, float* red) {
+  const Lists ls = lists_view(p, smem);
   constexpr int MT = kTask2Tiles;
   const PackedLayout& L = p.L;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -356,25 +451,12 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* red)
     const int n = min(ls.cnt[e] - pass, 8), s0 = ls.start[e] + pass;
     const uint8_t* wbase = p.wts + L.w2_off + e * L.w2_expert_bytes() + MT * ht * mstride_w + lane * 16;
     const uint8_t* sbase = p.wts + L.s2_off + e * L.s2_expert_bytes() + MT * ht * mstride_s + lane_scale_offset(F, lane);
-    const __nv_bfloat16* brow = g < n ? p.act + int64_t(ls.slots[s0 + g]) * L.i_pad : nullptr;
+    const __nv_bfloat16* brow = p.act + int64_t(ls.slots[s0 + min(g, n - 1)]) * L.i_pad;  // absent: never stored
     float acc[MT][4];
-    team_gemm<F, MT, true, false>(acc, wbase, sbase, mstride_w, mstride_s, brow, 16 * L.i_blocks, 1.0f, k0, k1,
-                                  team, TW, wt, red, policy);
+    team_gemm<F, MT, true>(acc, wbase, sbase, mstride_w, mstride_s, brow, 16 * L.i_blocks, k0, k1, team, TW, wt,
+                           red, policy);
     if (wt != 0) continue;
-    const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
-    const float f = ms.down * (W4A4 ? ms.in2 : 1.0f);
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int colx = 2 * q + c;
-      if (colx >= n) continue;
-      float* yrow = p.y + int64_t(ls.slots[s0 + colx]) * p.H;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int h = ht * 16 * MT + 16 * mt + g;
-        if (h < p.H) yrow[h] = acc[mt][c] * f;
-        if (h + 8 < p.H) yrow[h + 8] = acc[mt][2 + c] * f;
-      }
-    }
+    epilogue2<F, W4A4>(p, ls, task, acc);
   }
 }
 
@@ -383,7 +465,8 @@ __device__ inline void gemm2(const DecodeParams& p, const Lists& ls, float* red)
 // second phase starts from L2 instead of paying the memory latency again after the grid barrier.
 // Each warp prefetches, within its share of the budget, the tiles it reads first in phase 2 (same
 // task and K-range mapping as gemm2).
-__device__ inline void prefetch_gemm2(const DecodeParams& p, const Lists& ls) {
+__device__ inline void prefetch_gemm2(const DecodeParams& p, uint8_t* smem) {
+  const Lists ls = lists_view(p, smem);
   constexpr int MT = kTask2Tiles;
   const PackedLayout& L = p.L;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -410,10 +493,32 @@ __device__ inline void prefetch_gemm2(const DecodeParams& p, const Lists& ls) {
   }
 }
 
+// ---- W4A4: the activations of every slot quantized once -----------------------------------------
+// xq[s] = x[s / k] quantized and dequantized in NVFP4 blocks of 16 with the GEMM1 input scale of the
+// slot's expert (the reference's numerics), for the local slots of the chunk; GEMM1 reads it after a
+// grid barrier instead of quantizing its B operand per task and k-tile.
+__device__ inline void quantize_slots(const DecodeParams& p, const int* ids) {
+  const int bpr = p.H / 16;
+  const int64_t n = int64_t(p.T) * p.k * bpr;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int s = int(idx / bpr), blk = int(idx % bpr);
+    const int e = ids[s] - p.local_offset;
+    if (e < 0 || e >= p.num_local) continue;
+    const float g = reinterpret_cast<const MatrixScales*>(p.wts + p.L.scales_off)[e].in13;
+    const __nv_bfloat16* src = p.x + int64_t(s / p.k) * p.H + 16 * blk;
+    uint4 v[2] = {ldg_cached(src), ldg_cached(src + 8)};
+    fake_quant_block(v, g);
+    uint4* dst = reinterpret_cast<uint4*>(p.xq + int64_t(s) * p.H + 16 * blk);
+    __stcg(dst, v[0]);
+    __stcg(dst + 1, v[1]);
+  }
+}
+
 // ---- phase 3: finalize ----------------------------------------------------------------------------
 // out[t, h] = sum over the token's local slots j, in slot order, of w_j * (y[t, j, h] + b2[e_j, h]):
 // every output element written once, from the token's own data only.
-__device__ inline void finalize(const DecodeParams& p, const Lists& ls) {
+__device__ inline void finalize(const DecodeParams& p, uint8_t* smem) {
+  const Lists ls = lists_view(p, smem);
   const float* b2 = p.L.has_bias ? reinterpret_cast<const float*>(p.wts + p.L.b2_off) : nullptr;
   const int64_t n = int64_t(p.T) * p.H;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
@@ -432,10 +537,10 @@ __device__ inline void finalize(const DecodeParams& p, const Lists& ls) {
   }
 }
 
-// NOTES: two blocks per SM (128 registers) for the weight-streaming variants; W4A4 quantizes the
-// activations in registers too and gets the register file of one block instead of spilling.
+// NOTES: two blocks per SM (128 registers) for every variant: W4A4 quantizes the activations before
+// the weight stream, so its loop is the W4A16 loop reading xq.
 template <Format F, bool GATED, bool W4A4>
-__global__ void __launch_bounds__(kDecodeThreads, W4A4 ? 1 : 2) moe_decode_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(kDecodeThreads, 2) moe_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const SmemLayout sl = SmemLayout::make(p.num_local, p.T * p.k, p.E);
   float* scratch = reinterpret_cast<float*>(smem + sl.scratch_off);
@@ -463,16 +568,18 @@ __global__ void __launch_bounds__(kDecodeThreads, W4A4 ? 1 : 2) moe_decode_kerne
   }
   __syncthreads();
   mark(p, 1);
-  const Lists ls = build_lists(p, smem, sl);
-  if (p.l2_prefetch_bytes > 0) prefetch_gemm2(p, ls);
+  if constexpr (W4A4) quantize_slots(p, ids);
+  build_lists(p, smem);
+  if (p.l2_prefetch_bytes > 0) prefetch_gemm2(p, smem);
+  if constexpr (W4A4) grid.sync();  // every slot's xq before any GEMM1 task reads it
   mark(p, 2);
-  gemm1<F, GATED, W4A4>(p, ls, scratch);
+  gemm1<F, GATED, W4A4>(p, smem, scratch);
   mark(p, 3);
   grid.sync();
   mark(p, 4);
-  gemm2<F, W4A4>(p, ls, scratch);
+  gemm2<F, W4A4>(p, smem, scratch);
   grid.sync();
-  finalize(p, ls);
+  finalize(p, smem);
   mark(p, 5);
 }
 

@@ -27,6 +27,7 @@ struct DecodeParams {
   float* tw;                  // [T, k]
   __nv_bfloat16* act;         // [T * k, L.i_pad] intermediate activations (workspace)
   float* y;                   // [T * k, H] GEMM2 output per slot, before weights and bias (workspace)
+  __nv_bfloat16* xq;          // W4A4: [T * k, H] quantized x per slot, read by GEMM1 only (aliases y)
   RoutingMethod method;
   bool route_on_device, renormalize, has_router_bias, logits_bf16;
   int n_group, topk_group;
