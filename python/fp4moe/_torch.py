@@ -317,7 +317,7 @@ class MoeExperts(torch.nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if router_logits is not None:
-            router_logits = router_logits.reshape(x2.shape[0], -1)
+            router_logits = router_logits.reshape(x2.shape[0], router_logits.shape[-1])
         bias = self.router_bias if topk_ids is None else None
         out = torch.ops.fp4moe.moe_forward(x2, router_logits, bias, topk_ids, topk_weights,
                                            self.handle, None)

@@ -84,8 +84,8 @@ class Fp4MoeExperts(torch.nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         shape, dtype = hidden_states.shape, hidden_states.dtype
         x = hidden_states.reshape(-1, self.hidden).to(torch.bfloat16).contiguous()
-        ids = top_k_index.reshape(x.shape[0], -1).to(torch.int32).contiguous()
-        w = top_k_weights.reshape(x.shape[0], -1).to(torch.float32).contiguous()
+        ids = top_k_index.reshape(x.shape[0], top_k_index.shape[-1]).to(torch.int32).contiguous()
+        w = top_k_weights.reshape(x.shape[0], top_k_weights.shape[-1]).to(torch.float32).contiguous()
         out = torch.ops.fp4moe.moe_forward(x, None, None, ids, w, self.experts.handle, None)
         return out.to(dtype).reshape(shape)
 
