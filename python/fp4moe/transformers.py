@@ -248,10 +248,14 @@ def _check_loaded(config, block: _Block, loaded, checkpoint: str) -> None:
         if got != value:
             raise Error(f"{checkpoint}: layer {block.layer} has {field} = {got}, but the model's "
                         f"{block.name} has {value}; the checkpoint is not of this model")
-    act = _activation(config, block.layout, block.experts)["activation"]
-    if p.activation.kind.name != act:
+    act = _activation(config, block.layout, block.experts)
+    if p.activation.kind.name != act["activation"]:
         raise Error(f"{checkpoint}: layer {block.layer} uses the activation "
-                    f"{p.activation.kind.name}, the model {act}")
+                    f"{p.activation.kind.name}, the model {act['activation']}")
+    for field in ("alpha", "limit"):
+        if field in act and not np.isclose(getattr(p.activation, field), act[field]):
+            raise Error(f"{checkpoint}: layer {block.layer} has swiglu_oai {field} = "
+                        f"{getattr(p.activation, field)}, the model {act[field]}")
     if p.has_bias != (block.layout == "interleaved"):
         raise Error(f"{checkpoint}: layer {block.layer} has expert biases = {p.has_bias}, the "
                     f"model's experts {'have' if block.layout == 'interleaved' else 'have none'}")
