@@ -22,5 +22,6 @@ if [ "${FP4MOE_SKIP_WHEEL:-0}" != "1" ]; then
   "$venv/bin/python" -m pip install -q --no-deps "$build"/wheel-dist/fp4moe-*.whl
   # Run from outside the tree with FP4MOE_BUILD_DIR unset, so the installed package is the one tested.
   (cd "$venv" && env -u FP4MOE_BUILD_DIR FP4MOE_REQUIRE_PACKAGE=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-     "$root/tests/python/test_package_cpu.py")
+     "$root/tests/python/test_package_cpu.py" "$root/tests/python/test_torch_cpu.py" \
+     "$root/tests/python/test_transformers.py")
 fi

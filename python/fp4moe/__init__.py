@@ -3,7 +3,9 @@
 Host side (NumPy): quantize / dequantize, scale layouts, presets and problems, expert weights in the
 checkpoint layout, the CPU reference layer. GPU side (PyTorch or any DLPack producer): prepack and
 upload weights once, then run a layer on the caller's CUDA stream. With PyTorch installed, importing
-fp4moe also registers the custom op ``torch.ops.fp4moe.moe_forward`` (see fp4moe._torch).
+fp4moe also registers the custom op ``torch.ops.fp4moe.moe_forward`` (see fp4moe._torch), which also
+runs the CPU reference on CPU tensors with HostWeights (``to_device(problem, weights, "cpu")``).
+``fp4moe.transformers`` replaces the routed experts of Hugging Face transformers models.
 
 Every failure raises :class:`fp4moe.Error`, a subclass of both ValueError and RuntimeError whose
 message names the argument and what was expected. See docs/python.md.
@@ -49,7 +51,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation", "ActivationConfig", "DType", "DeviceWeights", "Error", "ExpertWeights", "Format",
-    "InputMode", "LoadedLayer", "MoeProblem", "MoeWeights", "PackedLayout", "PackedWeights",
+    "HostWeights", "InputMode", "LoadedLayer", "MoeProblem", "MoeWeights", "PackedLayout", "PackedWeights",
     "Preset", "QuantizedMatrix", "ReferenceResult", "RoutingConfig", "RoutingMethod",
     "ScaleDirection", "ScaleLayout", "convert_global_scale", "dequantize", "find_preset",
     "gpu_available", "has_checkpoint_loader", "load_moe_layer", "make_plan", "make_problem",
@@ -348,9 +350,48 @@ def upload(problem: MoeProblem, packed: PackedWeights, device: int = 0,
     return _c.upload(problem, packed, device, stream)
 
 
-def to_device(problem: MoeProblem, weights: MoeWeights, device: Any = 0) -> DeviceWeights:
-    """prepack + upload. `device` is an index, "cuda:N" or a torch.device."""
+class HostWeights:
+    """A layer's weights on the host for the CPU reference: the problem and its MoeWeights in the
+    checkpoint layout (validated against each other). What the PyTorch op and MoeExperts take to
+    run on CPU tensors, as DeviceWeights are for CUDA tensors; needs no GPU. The CPU path is the
+    reference layer (SPEC numerics, orders of magnitude slower than the GPU): for tests, small
+    models and machines without a Hopper GPU."""
+
+    __slots__ = ("_problem", "weights", "__weakref__")
+
+    def __init__(self, problem: MoeProblem, weights: MoeWeights):
+        if not isinstance(problem, MoeProblem):
+            raise Error(f"problem must be an fp4moe.MoeProblem, got {type(problem).__name__}")
+        if not isinstance(weights, MoeWeights):
+            raise Error(f"weights must be fp4moe.MoeWeights, got {type(weights).__name__}")
+        problem = problem.copy()
+        problem.validate()
+        _c.validate_weights(problem, weights)
+        self._problem = problem
+        self.weights = weights
+
+    @property
+    def problem(self) -> MoeProblem:
+        """A copy of the problem (its token count is ignored: calls take T from x)."""
+        return self._problem.copy()
+
+    device = "cpu"
+
+    def __repr__(self) -> str:
+        return f"HostWeights({self._problem!r}, {self.weights!r})"
+
+
+def to_device(problem: MoeProblem, weights: MoeWeights,
+              device: Any = 0) -> Union[DeviceWeights, HostWeights]:
+    """prepack + upload. `device` is an index, "cuda:N" or a torch.device; "cpu" (or
+    torch.device("cpu")) gives HostWeights, which run the CPU reference on CPU tensors."""
+    if _is_cpu(device):
+        return HostWeights(problem, weights)
     return upload(problem, prepack(problem, weights), _device_index(device))
+
+
+def _is_cpu(device: Any) -> bool:
+    return device == "cpu" or getattr(device, "type", None) == "cpu"
 
 
 def _device_index(device: Any) -> int:
@@ -364,17 +405,18 @@ def _device_index(device: Any) -> int:
         if not index.isdigit():
             raise Error(f"device must be 'cuda' or 'cuda:N' with N a device index, got {device!r}")
         return int(index)
-    raise Error(f"device must be a CUDA device index, 'cuda:N' or a torch.device, got {device!r}")
+    raise Error(f"device must be a CUDA device index, 'cuda:N', 'cpu' or a torch.device, got {device!r}")
 
 
 def _is_torch_tensor(a: Any) -> bool:
     return type(a).__module__.startswith("torch") and hasattr(a, "data_ptr")
 
 
-def moe_forward(weights: DeviceWeights, x: Any, router_logits: Any = None, *,
+def moe_forward(weights: Union[DeviceWeights, HostWeights], x: Any, router_logits: Any = None, *,
                 router_bias: Any = None, topk_ids: Any = None, topk_weights: Any = None,
                 out: Any = None, workspace: Any = None, stream: Optional[int] = None) -> Any:
-    """The layer on the GPU.
+    """The layer on the GPU (DeviceWeights) or, for PyTorch CPU tensors, the CPU reference
+    (HostWeights).
 
     PyTorch tensors go through the custom op torch.ops.fp4moe.moe_forward (on the current CUDA
     stream, capturable in CUDA graphs; `out` and `stream` are not accepted there). Other DLPack
@@ -393,6 +435,9 @@ def moe_forward(weights: DeviceWeights, x: Any, router_logits: Any = None, *,
         return torch_forward(weights, x, router_logits, router_bias=router_bias,
                                   topk_ids=topk_ids, topk_weights=topk_weights,
                                   workspace=workspace)
+    if isinstance(weights, HostWeights):
+        raise Error("HostWeights run on PyTorch CPU tensors (torch.ops.fp4moe.moe_forward); for "
+                    "NumPy arrays use fp4moe.reference_forward")
     if out is None or workspace is None or stream is None:
         raise Error("the DLPack path needs out (bf16 [T, H]), workspace (uint8, at least "
                     "workspace_size(problem) bytes) and stream (a cudaStream_t as int)")

@@ -5,8 +5,13 @@ The op::
     fp4moe::moe_forward(Tensor x, Tensor? router_logits, Tensor? router_bias, Tensor? topk_ids,
                         Tensor? topk_weights, int weights, Tensor? workspace) -> Tensor
 
-``weights`` is the handle of a :class:`fp4moe.DeviceWeights` (``fp4moe._torch.handle(w)``, or use
-:class:`MoeExperts`, which does it for you). The op
+``weights`` is the handle of a :class:`fp4moe.DeviceWeights` for CUDA tensors or of a
+:class:`fp4moe.HostWeights` for CPU tensors (``fp4moe._torch.handle(w)``, or use
+:class:`MoeExperts`, which does it for you). On CPU tensors the op runs the library's CPU reference
+layer (``fp4moe.reference_forward``) with the same checks and errors: slow, meant for tests, small
+models and machines without a Hopper GPU; the paragraphs below about streams, graphs and the
+workspace concern the CUDA path (a CPU call checks a given workspace the same way and does not use
+it). The op
 
 * checks dtypes (x bf16, logits float32 or bf16, topk_ids int32, topk_weights / router_bias float32),
   shapes, contiguity and devices in Python and raises fp4moe.Error before anything launches;
@@ -28,29 +33,48 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from . import _C
 from ._C import DeviceWeights, Error
 
+Weights = Union[DeviceWeights, "HostWeights"]
+
+def _host_weights_class():
+    from . import HostWeights  # the package imports this module at its end
+
+    return HostWeights
+
+
 class _Info:
-    """What the op needs of a DeviceWeights on every call, read once (not per call)."""
+    """What the op needs of the weights on every call, read once (not per call). `device` is
+    cuda:N for DeviceWeights and cpu for HostWeights."""
 
     __slots__ = ("hidden", "experts", "top_k", "router_bias", "precomputed_only", "device",
-                 "workspace_bytes")
+                 "workspace_bytes", "problem")
 
-    def __init__(self, w: DeviceWeights):
+    def __init__(self, w: Weights):
         p = w.problem
         self.hidden, self.experts, self.top_k = p.hidden, p.num_experts, p.top_k
         self.router_bias = p.routing.has_bias
         self.precomputed_only = p.routing.method == _C.RoutingMethod.precomputed
-        self.device = w.device
+        if isinstance(w, DeviceWeights):
+            self.device = torch.device("cuda", w.device)
+        else:
+            self.device = torch.device("cpu")
         self.workspace_bytes = _C.workspace_size(p)
+        self.problem = p
+
+    def where(self) -> str:
+        if self.device.type == "cpu":
+            return "HostWeights (CPU reference)"
+        return f"DeviceWeights on {self.device}"
 
 
-_handles: "weakref.WeakValueDictionary[int, DeviceWeights]" = weakref.WeakValueDictionary()
+_handles: "weakref.WeakValueDictionary[int, Weights]" = weakref.WeakValueDictionary()
 _info: Dict[int, _Info] = {}
 _ids: Dict[int, int] = {}  # id(weights) -> handle
 _next = itertools.count(1)
@@ -64,14 +88,15 @@ def _forget(obj_id: int, h: int) -> None:
     _info.pop(h, None)
 
 
-def handle(weights: DeviceWeights) -> int:
-    """The integer the op takes for `weights` (stable for the object's lifetime). The first call
-    also allocates the shared workspace for the weights' problem."""
+def handle(weights: Weights) -> int:
+    """The integer the op takes for `weights` (stable for the object's lifetime). For
+    DeviceWeights the first call also allocates the shared workspace for the weights' problem."""
     h = _ids.get(id(weights))
     if h is not None and _handles.get(h) is weights:
         return h
-    if not isinstance(weights, DeviceWeights):
-        raise Error(f"weights must be fp4moe.DeviceWeights, got {type(weights).__name__}")
+    if not isinstance(weights, (DeviceWeights, _host_weights_class())):
+        raise Error("weights must be fp4moe.DeviceWeights (CUDA) or fp4moe.HostWeights (CPU), got "
+                    f"{type(weights).__name__}")
     info = _Info(weights)
     with _lock:
         h = next(_next)
@@ -79,16 +104,18 @@ def handle(weights: DeviceWeights) -> int:
         _info[h] = info
         _ids[id(weights)] = h
         weakref.finalize(weights, _forget, id(weights), h)
-    _workspace(info, torch.device("cuda", info.device))
+    if info.device.type == "cuda":
+        _workspace(info, info.device)
     return h
 
 
-def weights_of(h: int) -> Tuple[DeviceWeights, _Info]:
+def weights_of(h: int) -> Tuple[Weights, _Info]:
     w = _handles.get(h)
     info = _info.get(h)
     if w is None or info is None:
-        raise Error(f"fp4moe weights handle {h} does not exist or its DeviceWeights was freed; "
-                    "keep the DeviceWeights (or the MoeExperts module) alive while calling the op")
+        raise Error(f"fp4moe weights handle {h} does not exist or its weights were freed; keep "
+                    "the DeviceWeights / HostWeights (or the MoeExperts module) alive while calling "
+                    "the op")
     return w, info
 
 
@@ -117,10 +144,15 @@ def validate(w: _Info, x: torch.Tensor, router_logits: Optional[torch.Tensor],
         raise Error(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise Error(f"x must be 2-D [tokens, {w.hidden}], got shape {list(x.shape)}")
-    if x.device.type != "cuda":
-        raise Error(f"x must be a CUDA tensor, got one on {x.device}")
-    if x.device.index != w.device:
-        raise Error(f"x is on {x.device} but the weights are on cuda:{w.device}")
+    if x.device != w.device:
+        if w.device.type == "cuda" and x.device.type == "cpu":
+            raise Error(f"x is on cpu but the weights are {w.where()}: pass CUDA tensors, or "
+                        "run on the CPU with HostWeights (fp4moe.to_device(problem, weights, "
+                        "'cpu'))")
+        if w.device.type == "cpu":
+            raise Error(f"x is on {x.device} but the weights are {w.where()}: pass CPU tensors, "
+                        "or upload the weights (fp4moe.to_device(problem, weights, device))")
+        raise Error(f"x is on {x.device} but the weights are {w.where()}")
     T = x.shape[0]
     dev = x.device
     _check(x, "x", (torch.bfloat16,), (T, w.hidden), dev)
@@ -195,8 +227,31 @@ def _forward_cuda(x: torch.Tensor, router_logits: Optional[torch.Tensor],
     return out
 
 
-def _forward_not_cuda(x, router_logits, router_bias, topk_ids, topk_weights, weights, workspace):
-    raise Error(f"fp4moe.moe_forward runs on CUDA tensors only; x is on {x.device}")
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A bf16 CPU tensor as a uint16 array of its bits (no copy); float32 as is."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _forward_cpu(x: torch.Tensor, router_logits: Optional[torch.Tensor],
+                 router_bias: Optional[torch.Tensor], topk_ids: Optional[torch.Tensor],
+                 topk_weights: Optional[torch.Tensor], weights: int,
+                 workspace: Optional[torch.Tensor]) -> torch.Tensor:
+    w, info = weights_of(weights)
+    validate(info, x, router_logits, router_bias, topk_ids, topk_weights, workspace)
+    T, H = x.shape
+    if T == 0:
+        return torch.empty((0, H), dtype=torch.bfloat16)
+    # The CPU reference layer (SPEC "The layer"), on copies of the inputs; threads as PyTorch's.
+    r = _C.reference_forward(
+        info.problem, w.weights, _bits(x.detach()),
+        None if router_logits is None else _bits(router_logits.detach()),
+        None if router_bias is None else router_bias.detach().numpy(),
+        None if topk_ids is None else topk_ids.detach().numpy(),
+        None if topk_weights is None else topk_weights.detach().numpy(),
+        max(1, torch.get_num_threads()))
+    return torch.from_numpy(r["out_bf16_bits"].view(np.int16)).view(torch.bfloat16)
 
 
 def _forward_fake(x, router_logits, router_bias, topk_ids, topk_weights, weights, workspace):
@@ -216,11 +271,11 @@ if not hasattr(torch.ops, "fp4moe") or not hasattr(torch.ops.fp4moe, "moe_forwar
     _lib = torch.library.Library("fp4moe", "DEF")
     _lib.define(_SCHEMA)
     _lib.impl("moe_forward", _forward_cuda, "CUDA")
-    _lib.impl("moe_forward", _forward_not_cuda, "CPU")
+    _lib.impl("moe_forward", _forward_cpu, "CPU")
     torch.library.register_fake("fp4moe::moe_forward", _forward_fake, lib=_lib)
 
 
-def moe_forward(weights: DeviceWeights, x: torch.Tensor,
+def moe_forward(weights: Weights, x: torch.Tensor,
                 router_logits: Optional[torch.Tensor] = None, *,
                 router_bias: Optional[torch.Tensor] = None,
                 topk_ids: Optional[torch.Tensor] = None,
@@ -234,19 +289,27 @@ def moe_forward(weights: DeviceWeights, x: torch.Tensor,
 class MoeExperts(torch.nn.Module):
     """The routed experts of one MoE block as a module: forward(x, router_logits) -> bf16 [T, H].
 
-    Holds the DeviceWeights (so the handle stays valid) and, when the routing has one, the router
-    bias as a buffer. Inputs of any leading shape [..., H] are flattened to [T, H] and the output is
-    reshaped back.
+    Holds the weights (so the handle stays valid): DeviceWeights run on CUDA tensors of their
+    device, HostWeights (``fp4moe.to_device(problem, weights, "cpu")``, no GPU needed) run the CPU
+    reference on CPU tensors. When the routing has a router bias, it is kept as a buffer on the
+    weights' device. Inputs of any leading shape [..., H] are flattened to [T, H] and the output is
+    reshaped back. The weights do not move with ``.to()``: build the module for the device it runs
+    on.
     """
 
-    def __init__(self, weights: DeviceWeights, router_bias: Optional[torch.Tensor] = None):
+    def __init__(self, weights: Weights, router_bias: Optional[torch.Tensor] = None):
         super().__init__()
         self.weights = weights
         self.handle = handle(weights)
         self.problem = weights.problem
         if router_bias is not None:
-            router_bias = router_bias.to(device=f"cuda:{weights.device}", dtype=torch.float32)
+            router_bias = router_bias.to(device=_Info(weights).device, dtype=torch.float32)
         self.register_buffer("router_bias", router_bias, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are: cuda:N (DeviceWeights) or cpu (HostWeights)."""
+        return _info[self.handle].device
 
     def forward(self, x: torch.Tensor, router_logits: Optional[torch.Tensor] = None,
                 topk_ids: Optional[torch.Tensor] = None,
@@ -254,7 +317,7 @@ class MoeExperts(torch.nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if router_logits is not None:
-            router_logits = router_logits.reshape(x2.shape[0], -1)
+            router_logits = router_logits.reshape(x2.shape[0], router_logits.shape[-1])
         bias = self.router_bias if topk_ids is None else None
         out = torch.ops.fp4moe.moe_forward(x2, router_logits, bias, topk_ids, topk_weights,
                                            self.handle, None)
