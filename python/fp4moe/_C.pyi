@@ -1,7 +1,7 @@
 """fp4moe: FP4 Mixture-of-Experts layers on Hopper (native extension)."""
 
 import enum
-from typing import Annotated
+from typing import Annotated, Optional
 
 import numpy
 from numpy.typing import NDArray
@@ -531,9 +531,9 @@ def upload(problem: MoeProblem, packed: PackedWeights, device: int = 0, stream: 
     Copies packed weights to `device` (synchronizes `stream` once: not for use in capture).
     """
 
-def workspace_size(problem: MoeProblem) -> int:
+def workspace_size(problem: MoeProblem, tokens: Optional[int] = None) -> int:
     """
-    Workspace bytes a GPU call with this problem needs; independent of the token count.
+    Workspace bytes a GPU call of `tokens` tokens (default: problem.tokens) needs. It grows with the token count up to the prefill's token chunk, and is the same for every T <= 64 (decode).
     """
 
 def gpu_available() -> tuple:

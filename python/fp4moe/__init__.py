@@ -329,9 +329,10 @@ def gpu_unavailable_reason() -> str:
     return _c.gpu_available()[1]
 
 
-def workspace_size(problem: MoeProblem) -> int:
-    """Bytes of workspace a GPU call needs; independent of the token count."""
-    return _c.workspace_size(problem)
+def workspace_size(problem: MoeProblem, tokens: Optional[int] = None) -> int:
+    """Bytes of workspace a GPU call of `tokens` tokens (default: problem.tokens) needs. It grows with
+    the token count up to the prefill's token chunk and is the same for every T <= 64 (decode)."""
+    return _c.workspace_size(problem, tokens)
 
 
 def make_plan(problem: MoeProblem, device: int = 0) -> str:

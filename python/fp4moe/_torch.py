@@ -18,11 +18,14 @@ it). The op
 * launches on ``torch.cuda.current_stream()``, allocates nothing but its bf16 [T, H] output
   (through PyTorch's caching allocator) and never synchronizes, so it can be captured in a CUDA
   graph and compiled with torch.compile (a fake implementation gives the output's shape);
-* uses ``workspace`` when given (uint8, contiguous, at least ``fp4moe.workspace_size(problem)``
-  bytes), else a workspace shared per (device, size). The shared one is allocated with torch.empty
-  when the weights get their handle (``handle()``, ``MoeExperts(...)``), i.e. outside any capture,
-  and kept for the life of the process, so a captured graph never sees it move. Calls that may run
-  concurrently on different streams must each pass their own workspace.
+* uses ``workspace`` when given (uint8, contiguous, at least ``fp4moe.workspace_size(problem, T)``
+  bytes for a call of T tokens), else a workspace shared per device. The shared one is allocated
+  with torch.empty when the weights get their handle (``handle()``, ``MoeExperts(...)``), sized for
+  the problem's token count, and grows on the first call with more tokens than any before (an
+  outgrown one is kept for the life of the process, so a captured graph never sees its workspace
+  move). Capture a graph after an eager call of the same T (the usual warm-up) so that the growth
+  happens outside the capture. Calls that may run concurrently on different streams must each pass
+  their own workspace.
 
 Weights must outlive every graph or compiled function that uses them: the handle is looked up on
 each eager call, but a captured graph keeps raw device pointers.
@@ -54,7 +57,7 @@ class _Info:
     cuda:N for DeviceWeights and cpu for HostWeights."""
 
     __slots__ = ("hidden", "experts", "top_k", "router_bias", "precomputed_only", "device",
-                 "workspace_bytes", "problem")
+                 "workspace_bytes", "problem", "_need")
 
     def __init__(self, w: Weights):
         p = w.problem
@@ -65,8 +68,16 @@ class _Info:
             self.device = torch.device("cuda", w.device)
         else:
             self.device = torch.device("cpu")
-        self.workspace_bytes = _C.workspace_size(p)
+        self.workspace_bytes = _C.workspace_size(p)  # for problem.tokens
         self.problem = p
+        self._need: Dict[int, int] = {}
+
+    def need(self, tokens: int) -> int:
+        """Workspace bytes of a call with `tokens` tokens (cached per token count)."""
+        n = self._need.get(tokens)
+        if n is None:
+            n = self._need[tokens] = _C.workspace_size(self.problem, tokens)
+        return n
 
     def where(self) -> str:
         if self.device.type == "cpu":
@@ -80,7 +91,8 @@ _ids: Dict[int, int] = {}  # id(weights) -> handle
 _next = itertools.count(1)
 _lock = threading.Lock()
 
-_workspaces: Dict[Tuple[int, int], torch.Tensor] = {}
+_workspaces: Dict[Optional[int], torch.Tensor] = {}  # device index -> the shared workspace
+_retired: "list[torch.Tensor]" = []  # outgrown shared workspaces, kept for graphs captured with them
 
 
 def _forget(obj_id: int, h: int) -> None:
@@ -182,19 +194,24 @@ def validate(w: _Info, x: torch.Tensor, router_logits: Optional[torch.Tensor],
         _check(router_bias, "router_bias", (torch.float32,), (w.experts,), dev)
     if workspace is not None:
         _check(workspace, "workspace", (torch.uint8,), (workspace.numel(),), dev)
-        need = w.workspace_bytes
+        need = w.need(x.shape[0])
         if workspace.numel() < need:
-            raise Error(f"workspace holds {workspace.numel()} bytes, the layer needs {need} "
-                        "(fp4moe.workspace_size(problem))")
+            raise Error(f"workspace holds {workspace.numel()} bytes, a call of {x.shape[0]} tokens needs "
+                        f"{need} (fp4moe.workspace_size(problem, tokens))")
 
 
-def _workspace(w: _Info, device: torch.device) -> Tuple[int, int]:
-    nbytes = max(w.workspace_bytes, 256)
-    key = (device.index, nbytes)
+def _workspace(w: _Info, device: torch.device, tokens: Optional[int] = None) -> Tuple[int, int]:
+    """The shared workspace of `device`, grown to what a call of `tokens` tokens (default: the
+    problem's) needs."""
+    nbytes = max(w.workspace_bytes if tokens is None else w.need(tokens), 256)
+    key = device.index
     ws = _workspaces.get(key)
-    if ws is None:
-        # Normally reached from handle(), outside any capture; inside one, torch.empty takes the
-        # memory from the graph's pool, which is legal, and the cache keeps it alive.
+    if ws is None or ws.numel() < nbytes:
+        # Normally reached from handle() or an eager call, outside any capture; inside one,
+        # torch.empty takes the memory from the graph's pool, which is legal, and the cache keeps it
+        # alive. It only grows (the largest call so far), so a graph captured earlier keeps its own.
+        if ws is not None:
+            _retired.append(ws)  # a captured graph may still point at it
         ws = torch.empty(nbytes, dtype=torch.uint8, device=device)
         _workspaces[key] = ws
     return ws.data_ptr(), ws.numel()
@@ -214,7 +231,7 @@ def _forward_cuda(x: torch.Tensor, router_logits: Optional[torch.Tensor],
     if workspace is not None:
         ws_ptr, ws_bytes = workspace.data_ptr(), workspace.numel()
     else:
-        ws_ptr, ws_bytes = _workspace(info, x.device)
+        ws_ptr, ws_bytes = _workspace(info, x.device, T)
     pre = topk_ids is not None
     _C.moe_forward_ptr(
         w, T, x.data_ptr(), out.data_ptr(),

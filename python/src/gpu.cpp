@@ -283,13 +283,15 @@ void bind_gpu(nb::module_& m) {
 
   m.def(
       "workspace_size",
-      [](const MoeProblem& p) {
+      [](const MoeProblem& p, nb::handle tokens) {
         MoeProblem q = p;
-        if (q.tokens == 0) q.tokens = 1;  // the size does not depend on T; 0 tokens need none
+        if (!tokens.is_none()) q.tokens = to_int<int64_t>(tokens, "tokens");
+        if (q.tokens == 0) q.tokens = 1;  // the smallest size, so a buffer made for T = 0 is usable
         return workspace_size(q);
       },
-      nb::arg("problem"),
-      "Workspace bytes a GPU call with this problem needs; independent of the token count.");
+      nb::arg("problem"), nb::arg("tokens").none() = nb::none(),
+      "Workspace bytes a GPU call of `tokens` tokens (default: problem.tokens) needs. It grows with "
+      "the token count up to the prefill's token chunk, and is the same for every T <= 64 (decode).");
 
   m.def(
       "gpu_available",

@@ -1,5 +1,6 @@
 // Routing on the device: one warp per token, every SPEC routing method. Scores live in two rows of
-// shared memory per warp; top-k is k rounds of a warp arg-max (ties to the lower expert index).
+// shared memory per warp; top-k is k rounds of a warp arg-max of the lanes' best entries (ties to
+// the lower expert index).
 #pragma once
 #include <cuda_bf16.h>
 #include <math.h>
@@ -35,16 +36,6 @@ __device__ __forceinline__ ArgMax warp_argmax(ArgMax m) {
   if (win == 0xffffffffu) return ArgMax{-INFINITY, -1};
   const int owner = __ffs(__ballot_sync(0xffffffffu, idx == win)) - 1;
   return ArgMax{__shfl_sync(0xffffffffu, m.v, owner), int(win)};
-}
-
-// Arg-max over row[0, n) skipping NaN; returns {-inf?, -1} when nothing is left.
-__device__ __forceinline__ ArgMax row_argmax(const float* row, int n, int lane) {
-  ArgMax m{-INFINITY, -1};
-  for (int e = lane; e < n; e += 32) {
-    float v = row[e];
-    if (v == v && (m.i < 0 || better(v, e, m))) m = ArgMax{v, e};
-  }
-  return warp_argmax(m);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -130,16 +121,31 @@ __device__ inline void route_token(const P& p, int t, float* sel, float* val, in
     __syncwarp();
   }
   const bool nan_token = __any_sync(0xffffffffu, nan_seen);
-  // k rounds of arg-max; lane j keeps the j-th pick.
+  // k rounds of arg-max; lane j keeps the j-th pick. Entry e of `sel` is lane e % 32's alone (it
+  // wrote it above), and each lane keeps the best of its entries in registers: a round is one warp
+  // arg-max of the lanes' bests, after which only the winner's lane drops that expert and rescans its
+  // entries (independent shared-memory loads, no warp barrier).
+  // NOTES: a full warp scan of `sel` per round with two warp barriers cost about 1000 cycles a pick.
+  auto lane_best = [&]() {
+    ArgMax m{-INFINITY, -1};
+    for (int e = lane; e < E; e += 32) {
+      const float v = sel[e];
+      if (v == v && (m.i < 0 || v > m.v)) m = ArgMax{v, e};  // ascending e: ties keep the lower index
+    }
+    return m;
+  };
+  ArgMax mine = lane_best();
   int my_id = -1;
   float my_val = 0.0f;
   for (int j = 0; j < k; ++j) {
-    ArgMax m = row_argmax(sel, E, lane);
-    if (lane == j) { my_id = m.i; my_val = val[m.i]; }
-    __syncwarp();
-    if (lane == 0) sel[m.i] = __int_as_float(0x7fffffff);
-    __syncwarp();
+    const ArgMax m = warp_argmax(mine);
+    if (lane == j && m.i >= 0) { my_id = m.i; my_val = val[m.i]; }
+    if (m.i >= 0 && (m.i & 31) == lane) {
+      sel[m.i] = __int_as_float(0x7fffffff);
+      mine = lane_best();
+    }
   }
+  __syncwarp();
   float w = my_val;
   const bool active = lane < k;
   switch (p.method) {
