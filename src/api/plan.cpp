@@ -115,14 +115,20 @@ namespace {
 
 // Warps that split K of one decode task. The K split fixes the order of the fp32 sums, so it depends
 // on the layer's shape only, never on T: a token's output must not depend on the rest of the batch.
-// Tuned for T = 1, where fixed costs dominate: estimated phase time = rounds of tasks over the teams
-// times (k-tiles per warp + a fixed per-task cost of about three k-tiles).
-int pick_team(int64_t tasks, int64_t tiles_per_task, int blocks) {
+// Estimated phase time = rounds of tasks over the teams times (k-tiles per warp + a fixed per-task cost
+// of about eight k-tiles: the first loads' latency, the team reduction and the epilogue), taken at
+// T = 1 plus a fifth of it at T = 64 (uniform routing), so that a long K range per warp, which
+// streams best once there are many tasks, is not given up for the last microsecond at T = 1.
+// NOTES: fitted on the H200 (2026-12-04, PERFLOG.md v11): with the 8-op loop the best splits were
+// 2/1 (qwen3-30b-a3b, qwen3-235b-a22b, deepseek-v3) and 2/2 (gpt-oss-120b) by the sum of the T = 1, 8
+// and 64 ratios; the earlier model (fixed cost 3, T = 1 only) picked 4/4, 8/2 and 2/4 for the first three.
+int pick_team(int64_t tasks1, int64_t tasks64, int64_t tiles_per_task, int blocks) {
   int best = 8;
   double best_cost = 1e30;
   for (int tw : {8, 4, 2, 1}) {
     const int64_t teams = int64_t(blocks) * (kernels::kDecodeWarps / tw);
-    const double cost = double(ceil_div(tasks, teams)) * (double(tiles_per_task) / tw + 3.0);
+    const double per_task = double(tiles_per_task) / tw + 8.0;
+    const double cost = (double(ceil_div(tasks1, teams)) + 0.2 * double(ceil_div(tasks64, teams))) * per_task;
     if (cost < best_cost - 1e-9) {
       best_cost = cost;
       best = tw;
@@ -149,8 +155,12 @@ DecodeTactic plan_decode(const MoeProblem& p, const DeviceDesc& d, const PackedL
   t.blocks = std::max(1, std::min(by_regs, by_smem)) * d.sms;
   // Experts a single token touches on this rank: the tasks of each phase at T = 1.
   const int64_t local_k = std::max<int64_t>(1, ceil_div(int64_t(p.top_k) * p.local_experts(), p.num_experts));
-  t.team_warps1 = pick_team(local_k * L.i_blocks, L.k_tiles13, t.blocks);
-  t.team_warps2 = pick_team(local_k * (L.m_tiles2 / kernels::kTask2Tiles), L.k_tiles2, t.blocks);
+  // ... and at T = 64 under uniform routing.
+  const double untouched = std::pow(1.0 - double(p.top_k) / double(p.num_experts), double(kTokenChunk));
+  const int64_t local_64 = std::max<int64_t>(local_k, int64_t(double(p.local_experts()) * (1.0 - untouched)));
+  const int64_t tasks2 = L.m_tiles2 / kernels::kTask2Tiles;
+  t.team_warps1 = pick_team(local_k * L.i_blocks, local_64 * L.i_blocks, L.k_tiles13, t.blocks);
+  t.team_warps2 = pick_team(local_k * tasks2, local_64 * tasks2, L.k_tiles2, t.blocks);
   return t;
 }
 

@@ -310,21 +310,6 @@ __device__ __forceinline__ void team_gemm(float (&acc)[MT][4], const uint8_t* wb
   }
 }
 
-// L2 prefetch, by lane 0, of this warp's k-range [k0, k1) of one task's MT m-tiles (weights and
-// scales), issued one task ahead: the next task's first loads then hit L2 instead of waiting for HBM
-// again after the reduction and epilogue of this one.
-template <Format F, int MT>
-__device__ __forceinline__ void prefetch_task(const uint8_t* w0, const uint8_t* s0, int64_t mstride_w,
-                                              int64_t mstride_s, int k0, int k1) {
-  constexpr int SB = scale_tile_bytes(F);
-  if (k1 <= k0) return;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    prefetch_l2(w0 + mt * mstride_w + int64_t(k0) * kTileBytes, uint32_t(k1 - k0) * kTileBytes);
-    prefetch_l2(s0 + mt * mstride_s + int64_t(k0) * SB, uint32_t(k1 - k0) * SB);
-  }
-}
-
 // GEMM1's epilogue: scales, bias, activation, (W4A4) quantization of a, store. The task's expert and
 // slots and the expert's factors are read here, not kept from before the weight stream.
 template <Format F, bool GATED, bool W4A4>
@@ -399,12 +384,6 @@ __device__ inline void gemm1(const DecodeParams& p, uint8_t* smem, float* red) {
   const int stride = gridDim.x * teams;
   for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += stride) {
     const int n = ls.cnt[ls.active[task / L.i_blocks]];
-    if (lane == 0 && task + stride < ntasks) {
-      const int nx = task + stride, ex = ls.active[nx / L.i_blocks], bx = nx % L.i_blocks;
-      prefetch_task<F, MT>(p.wts + L.w13_off + ex * L.w13_expert_bytes() + MT * bx * mstride_w,
-                           p.wts + L.s13_off + ex * L.s13_expert_bytes() + MT * bx * mstride_s, mstride_w,
-                           mstride_s, k0, k1);
-    }
     for (int pass = 0; pass < n; pass += 8) {
       // The task's expert, block and slots, read from shared memory again for every pass and after the
       // weight stream (a compiler barrier), so they hold no registers while it runs.
@@ -477,13 +456,6 @@ __device__ inline void gemm2(const DecodeParams& p, uint8_t* smem, float* red) {
 
   const int stride = gridDim.x * teams;
   for (int task = team * gridDim.x + blockIdx.x; task < ntasks; task += stride) {
-    if (lane == 0 && task + stride < ntasks) {
-      const int nx = task + stride, infx = ls.rows[nx / htiles], htx = nx % htiles, ex = infx >> 8;
-      if ((infx & 0xff) == 0)  // a later pass over an expert reads the weights of its first
-        prefetch_task<F, MT>(p.wts + L.w2_off + ex * L.w2_expert_bytes() + MT * htx * mstride_w,
-                             p.wts + L.s2_off + ex * L.s2_expert_bytes() + MT * htx * mstride_s, mstride_w,
-                             mstride_s, k0, k1);
-    }
     const int r = task / htiles, ht = task % htiles;
     const int info = ls.rows[r], e = info >> 8, pass = info & 0xff;
     const int n = min(ls.cnt[e] - pass, 8), s0 = ls.start[e] + pass;
