@@ -96,10 +96,12 @@ struct CrossoverEntry {
   const char* source;
 };
 constexpr CrossoverEntry kCrossover[] = {
-    {"H200", 65,
-     "measured on an H200, 2026-12-02 (BENCHMARKS.md, crossover): decode 1.5-2.0x faster at T <= 64 on all four "
-     "headline presets, prefill faster from T = 96 (gpt-oss-120b: decode 3% ahead at 96, prefill from 128)"},
-    {"H100", 65, "not measured on an H100: the H200's switch point (same SMs; the decode side is memory-bound)"},
+    {"H200", 129,
+     "measured on an H200, 2026-12-04 (BENCHMARKS.md, crossover): decode 1.07-1.33x faster at T = 96 and 128 "
+     "(two launches) on all four headline presets, prefill faster from T = 192; T = 129..191 not measured"},
+    {"H100", 65,
+     "measured on an H100 before the 8-op decode loop (decode 1.5-2.0x faster at T <= 64, prefill from T = 96 "
+     "on the H200 of 2026-12-02); not re-measured on an H100"},
 };
 
 }  // namespace
