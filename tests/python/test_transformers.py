@@ -6,7 +6,8 @@ or MXFP4 with the library's quantizers; the oracle is the same model with those 
 replaced by the dequantized FP4 values (running transformers' own expert code). The patched model
 (either quantizing the model's bf16 experts itself, or loading an FP4 checkpoint written here in the
 ModelOpt NVFP4 or gpt-oss MXFP4 layout) must give the oracle's logits within bf16 tolerance, be
-clearly closer to it than to the unquantized model, and generate the same greedy tokens.
+clearly closer to it than to the unquantized model, and generate the same greedy tokens (a different
+token only where the oracle's two best logits are tied within that tolerance).
 
 The CPU tests run the CPU reference (HostWeights); the same tests on CUDA skip, saying why, without
 a CUDA device or the fp4moe GPU path. Skips without PyTorch or transformers, and for model types the
@@ -455,7 +456,7 @@ def forward_with_same_routing(patched, others, ids):
 
 # A greedy near tie: two logits closer than this many standard deviations of the step's logits. The
 # logits are bf16 (exact ties are common among 96 of them) and the two models' differ by up to
-# ~0.06 standard deviations in one element here.
+# ~0.07 standard deviations in one element here.
 GREEDY_TIE = 0.1
 
 
@@ -550,8 +551,8 @@ def test_patched_model_matches_dequantized_model(tmp_path, kind, fmt, source, de
     err, quant_effect = rel_l2(got, want), rel_l2(bf16, want)
     # bf16 tolerance: the model's experts round every product and partial sum to bf16, fp4moe
     # accumulates in fp32 and rounds once; both see the same FP4 values and the same routing.
-    # Through two layers and the LM head that is ~1e-2 at most here, against ~0.3-0.6 between the
-    # FP4 and the bf16 experts.
+    # Through two layers and the LM head that is up to ~1.2e-2 here, against ~0.2-0.5 between the
+    # FP4 and the bf16 experts (the unquantized model routed the same way too).
     assert err < 2e-2, (err, quant_effect, routing.flips)
     assert err < quant_effect / 3, (err, quant_effect)  # FP4 weights were used, not the bf16 ones
 
