@@ -421,7 +421,7 @@ def moe_forward(weights: Union[DeviceWeights, HostWeights], x: Any, router_logit
 
     PyTorch tensors go through the custom op torch.ops.fp4moe.moe_forward (on the current CUDA
     stream, capturable in CUDA graphs; `out` and `stream` are not accepted there). Other DLPack
-    producers (CuPy, JAX, ...) need out (bf16 [T, H]), workspace (uint8, >= workspace_size()) and
+    producers (CuPy, JAX, ...) need out (bf16 [T, H]), workspace (uint8, >= workspace_size(problem, T)) and
     stream (a cudaStream_t as int) and return `out`.
 
     x: bf16 [T, H]. Either router_logits [T, E] (float32 or bf16; with router_bias float32 [E] when
@@ -441,7 +441,7 @@ def moe_forward(weights: Union[DeviceWeights, HostWeights], x: Any, router_logit
                     "NumPy arrays use fp4moe.reference_forward")
     if out is None or workspace is None or stream is None:
         raise Error("the DLPack path needs out (bf16 [T, H]), workspace (uint8, at least "
-                    "workspace_size(problem) bytes) and stream (a cudaStream_t as int)")
+                    "workspace_size(problem, T) bytes) and stream (a cudaStream_t as int)")
     _c.moe_forward_dlpack(weights, x, out, workspace, stream, router_logits, router_bias,
                           topk_ids, topk_weights)
     return out

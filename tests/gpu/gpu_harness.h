@@ -93,12 +93,14 @@ inline HostInputs host_inputs(const MoeProblem& p, const HostData& d) {
 }
 
 // Runs the layer on the GPU with the output poisoned (NaN) first; returns out [T, H] bf16 bits.
+// plan: run with this plan instead of make_plan(p) (a tactic forced below or above the crossover).
 inline std::vector<uint16_t> run_gpu(const MoeProblem& p, const DeviceWeights& w, const HostData& d,
-                                     int repeats = 1, std::vector<uint16_t>* first = nullptr) {
+                                     int repeats = 1, std::vector<uint16_t>* first = nullptr,
+                                     const Plan* plan = nullptr) {
   DevBuf<uint16_t> x(d.x), out(size_t(p.tokens) * p.hidden);
   DevBuf<float> logits(d.logits), bias(d.bias), weights(d.weights);
   DevBuf<int32_t> ids(d.ids);
-  const size_t ws_bytes = workspace_size(p);
+  const size_t ws_bytes = plan ? workspace_size(p, *plan) : workspace_size(p);
   DevBuf<uint8_t> ws(ws_bytes);
   DeviceInputs in;
   in.x = x.ptr;
@@ -113,7 +115,8 @@ inline std::vector<uint16_t> run_gpu(const MoeProblem& p, const DeviceWeights& w
   std::vector<uint16_t> result;
   for (int r = 0; r < repeats; ++r) {
     cudaMemset(out.ptr, 0xFF, out.n * 2);  // bf16 0xFFFF is NaN: unwritten elements fail
-    run(p, w, in, ws.ptr, ws_bytes, nullptr);
+    if (plan) run(p, w, in, ws.ptr, ws_bytes, nullptr, *plan);
+    else run(p, w, in, ws.ptr, ws_bytes, nullptr);
     cudaError_t e = cudaDeviceSynchronize();
     if (e != cudaSuccess) throw std::runtime_error(std::string("kernel failed: ") + cudaGetErrorString(e));
     result = out.download();

@@ -222,7 +222,7 @@ def test_op_matches_pytorch_spec(rng, fmt, kind, routing, has_bias, E, H, I, k, 
 
     # The DLPack entry point gives the same bits (out poisoned with NaN first).
     out2 = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
-    ws = torch.empty(fp4moe.workspace_size(p), dtype=torch.uint8, device=DEV)
+    ws = torch.empty(fp4moe.workspace_size(p, T), dtype=torch.uint8, device=DEV)
     fp4moe._C.moe_forward_dlpack(dw, x, out2, ws, torch.cuda.current_stream().cuda_stream,
                                  kwargs.get("router_logits"), bias, kwargs.get("topk_ids"),
                                  kwargs.get("topk_weights"))
