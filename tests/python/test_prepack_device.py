@@ -181,3 +181,22 @@ def test_torch_cpu_tensors(rng):
                                           *w["down"][1:])})
     assert "down.data must be contiguous" in msg
 
+
+
+def test_every_layout_passes_the_checks_up_to_the_device(rng):
+    """The layers of the GPU test, on the host: each call gets through every dtype, shape and count
+    check and stops at the first tensor, which is not a CUDA tensor. The host prepack of the same
+    tensors (the GPU test's oracle) is made too."""
+    torch = pytest.importorskip("torch")
+    from prepack_device_cases import CASES, checkpoint, device_prepack, problem
+
+    for name, fields, gul, sl, direction, bias_dtype, lists in CASES:
+        p = problem(**fields)
+        ckpt, host = checkpoint(rng, p, gul, direction, bias_dtype or "float32")
+        assert fp4moe.prepack(p, host).nbytes > 0
+        first = ("gate" if p.activation.kind != fp4moe.Activation.relu2 else "up") \
+            if gul == "separate" else "gate_up"
+        first += ".data[0]" if lists else ".data"
+        with pytest.raises(fp4moe.Error, match=r"^" + first.replace("[", r"\[") + " must be a CUDA"):
+            device_prepack(p, ckpt, host, torch.device("cpu"), gul, sl, direction,
+                           per_expert=lists, float8_scales=lists)
