@@ -396,7 +396,7 @@ def _device_tensor(a: Any, name: str, float8_ok: Optional[str] = None) -> Any:
         return a
     if (a is not None and not hasattr(a, "__dlpack__") and hasattr(a, "__cuda_array_interface__")
             and torch is not None):
-        return torch.as_tensor(a, device="cuda")
+        return torch.as_tensor(a)  # a CUDA tensor over the same memory
     return a
 
 
@@ -468,6 +468,7 @@ def prepack_device(problem: MoeProblem, *, down: Any, gate: Any = None, up: Any 
     """
     if not isinstance(problem, MoeProblem):
         raise Error(f"problem must be an fp4moe.MoeProblem, got {type(problem).__name__}")
+    problem.validate()
     E = problem.local_experts()
     fmt = problem.format
     f8 = "float8_e4m3fn" if fmt == Format.nvfp4 else "float8_e8m0fnu"

@@ -164,6 +164,9 @@ def test_stream_and_problem_arguments(rng):
     assert "problem must be an fp4moe.MoeProblem" in err(problem="qwen3", **w)
     assert "stream must be an int" in err(problem=problem(), stream="default", **w)
     assert "stream must be an integer" in err(problem=problem(), stream=-1, **w)
+    bad = problem()
+    bad.num_local_experts = 2 * E
+    assert "num_local_experts" in err(problem=bad, **w)
 
 
 def test_torch_cpu_tensors(rng):
