@@ -2,7 +2,8 @@
 
 Host side (NumPy): quantize / dequantize, scale layouts, presets and problems, expert weights in the
 checkpoint layout, the CPU reference layer. GPU side (PyTorch or any DLPack producer): prepack and
-upload weights once, then run a layer on the caller's CUDA stream. With PyTorch installed, importing
+upload weights once (or pack checkpoint tensors already on the GPU there: prepack_device), then run
+a layer on the caller's CUDA stream. With PyTorch installed, importing
 fp4moe also registers the custom op ``torch.ops.fp4moe.moe_forward`` (see fp4moe._torch), which also
 runs the CPU reference on CPU tensors with HostWeights (``to_device(problem, weights, "cpu")``).
 ``fp4moe.transformers`` replaces the routed experts of Hugging Face transformers models.
