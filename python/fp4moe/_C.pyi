@@ -521,6 +521,15 @@ class DeviceWeights:
     @property
     def released(self) -> bool: ...
 
+    @property
+    def layout(self) -> PackedLayout:
+        """Sizes of the packed layout (as PackedWeights.layout)."""
+
+    def download(self) -> NDArray[numpy.uint8]:
+        """
+        A copy of the packed bytes on the host, uint8 [nbytes] (synchronizes): the same bytes as PackedWeights.bytes of the host prepack.
+        """
+
     def release(self) -> None:
         """Frees the device memory now."""
 
@@ -529,6 +538,23 @@ class DeviceWeights:
 def upload(problem: MoeProblem, packed: PackedWeights, device: int = 0, stream: int = 0) -> DeviceWeights:
     """
     Copies packed weights to `device` (synchronizes `stream` once: not for use in capture).
+    """
+
+class GateUpLayout(enum.Enum):
+    """
+    How a checkpoint stores the gate and up projections: two tensors, or one [2I, H] tensor with gate rows then up rows (concatenated) or alternating (interleaved, gpt-oss).
+    """
+
+    separate = 0
+
+    concatenated = 1
+
+    interleaved = 2
+
+# Tensors: DLPack producers (stacked [E, ...]) or lists of E of them; global and input scales float32 [E].
+def prepack_device(problem: MoeProblem, gate_data: object | None, gate_scales: object | None, gate_global_scale: Annotated[NDArray, dict(writable=False)] | None, up_data: object | None, up_scales: object | None, up_global_scale: Annotated[NDArray, dict(writable=False)] | None, gate_up_data: object | None, gate_up_scales: object | None, gate_up_global_scale: Annotated[NDArray, dict(writable=False)] | None, down_data: object | None, down_scales: object | None, down_global_scale: Annotated[NDArray, dict(writable=False)] | None, gate_bias: object | None, up_bias: object | None, gate_up_bias: object | None, down_bias: object | None, input_scale13: Annotated[NDArray, dict(writable=False)] | None, input_scale2: Annotated[NDArray, dict(writable=False)] | None, gate_up_layout: GateUpLayout, scale_layout: ScaleLayout, direction: ScaleDirection, stream: int) -> DeviceWeights:
+    """
+    Packs checkpoint tensors already on a CUDA device (DLPack) into DeviceWeights on that device. Checks every argument before anything launches; synchronizes `stream`.
     """
 
 def workspace_size(problem: MoeProblem, tokens: Optional[int] = None) -> int:

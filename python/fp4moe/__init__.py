@@ -2,7 +2,8 @@
 
 Host side (NumPy): quantize / dequantize, scale layouts, presets and problems, expert weights in the
 checkpoint layout, the CPU reference layer. GPU side (PyTorch or any DLPack producer): prepack and
-upload weights once, then run a layer on the caller's CUDA stream. With PyTorch installed, importing
+upload weights once (or pack checkpoint tensors already on the GPU there: prepack_device), then run
+a layer on the caller's CUDA stream. With PyTorch installed, importing
 fp4moe also registers the custom op ``torch.ops.fp4moe.moe_forward`` (see fp4moe._torch), which also
 runs the CPU reference on CPU tensors with HostWeights (``to_device(problem, weights, "cpu")``).
 ``fp4moe.transformers`` replaces the routed experts of Hugging Face transformers models.
@@ -29,6 +30,7 @@ from ._C import (
     Error,
     ExpertWeights,
     Format,
+    GateUpLayout,
     InputMode,
     MoeProblem,
     MoeWeights,
@@ -51,11 +53,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation", "ActivationConfig", "DType", "DeviceWeights", "Error", "ExpertWeights", "Format",
-    "HostWeights", "InputMode", "LoadedLayer", "MoeProblem", "MoeWeights", "PackedLayout", "PackedWeights",
+    "GateUpLayout", "HostWeights", "InputMode", "LoadedLayer", "MoeProblem", "MoeWeights", "PackedLayout", "PackedWeights",
     "Preset", "QuantizedMatrix", "ReferenceResult", "RoutingConfig", "RoutingMethod",
     "ScaleDirection", "ScaleLayout", "convert_global_scale", "dequantize", "find_preset",
     "gpu_available", "has_checkpoint_loader", "load_moe_layer", "make_plan", "make_problem",
-    "make_weights", "moe_forward", "nvfp4_global_scale", "prepack", "presets", "quantize_mxfp4",
+    "make_weights", "moe_forward", "nvfp4_global_scale", "prepack", "prepack_device", "presets", "quantize_mxfp4",
     "quantize_nvfp4", "random_weights", "reference_forward", "route", "swizzle_scales",
     "swizzled_size", "to_device", "unswizzle_scales", "upload", "workspace_size",
 ]
@@ -92,6 +94,7 @@ _ENUMS = {
     "activation": Activation,
     "input_mode": InputMode,
     "logits_dtype": DType,
+    "gate_up_layout": GateUpLayout,
 }
 
 
@@ -349,6 +352,142 @@ def upload(problem: MoeProblem, packed: PackedWeights, device: int = 0,
            stream: int = 0) -> DeviceWeights:
     """Copies packed weights to CUDA device `device` and waits for the copy (not capturable)."""
     return _c.upload(problem, packed, device, stream)
+
+
+_MATRIX_KEYS = ("data", "scales", "global_scale")
+
+
+def _matrix(m: Any, name: str):
+    """(data, scales, global_scale) of one matrix argument of prepack_device: a tuple / list of two
+    or three items or a dict with those keys (global_scale optional: mxfp4 has none)."""
+    if m is None:
+        return None, None, None
+    if isinstance(m, dict):
+        unknown = set(m) - set(_MATRIX_KEYS)
+        if unknown:
+            raise Error(f"{name} has unknown keys {sorted(unknown)}; expected data, scales and "
+                        "(nvfp4) global_scale")
+        if "data" not in m or "scales" not in m:
+            raise Error(f"{name} needs the keys data and scales (and global_scale for nvfp4)")
+        return m["data"], m["scales"], m.get("global_scale")
+    if isinstance(m, (tuple, list)) and len(m) in (2, 3):
+        return m[0], m[1], (m[2] if len(m) == 3 else None)
+    raise Error(f"{name} must be a tuple (data, scales[, global_scale]) or a dict with those keys, "
+                f"got {type(m).__name__}")
+
+
+def _torch_module():
+    import sys
+
+    return sys.modules.get("torch")
+
+
+def _device_tensor(a: Any, name: str, float8_ok: Optional[str] = None) -> Any:
+    """A device tensor argument of prepack_device as something the extension reads through DLPack:
+    torch float8 tensors become their uint8 bits (float8_ok is the one float8 type accepted), an
+    object with only __cuda_array_interface__ is wrapped by torch.as_tensor (no copy)."""
+    torch = _torch_module()
+    if torch is not None and isinstance(a, torch.Tensor):
+        dt = str(a.dtype).replace("torch.", "")
+        if dt.startswith("float8_"):
+            if dt != float8_ok:
+                want = "uint8" + (f" or {float8_ok}" if float8_ok else "")
+                raise Error(f"{name} must have dtype {want}, got {dt}")
+            return a.view(torch.uint8)
+        return a
+    if (a is not None and not hasattr(a, "__dlpack__") and hasattr(a, "__cuda_array_interface__")
+            and torch is not None):
+        return torch.as_tensor(a)  # a CUDA tensor over the same memory
+    return a
+
+
+def _device_tensors(a: Any, name: str, float8_ok: Optional[str] = None) -> Any:
+    """A stacked tensor or a list / tuple of per-expert tensors (each passed through _device_tensor)."""
+    if isinstance(a, (list, tuple)):
+        return [_device_tensor(t, f"{name}[{i}]", float8_ok) for i, t in enumerate(a)]
+    return _device_tensor(a, name, float8_ok)
+
+
+def _first_tensor(values):
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            v = next(iter(v), None)
+        if v is not None and hasattr(v, "data_ptr") and hasattr(v, "device"):
+            return v
+    return None
+
+
+def _stream_int(stream: Any, tensors) -> int:
+    """stream as a cudaStream_t integer: an int, a torch.cuda.Stream (or anything with
+    .cuda_stream), or None: the current torch stream of the tensors' device for torch tensors,
+    else 0 (the legacy default stream)."""
+    if stream is None:
+        torch = _torch_module()
+        t = _first_tensor(tensors)
+        if torch is not None and isinstance(t, torch.Tensor) and t.is_cuda:
+            return torch.cuda.current_stream(t.device).cuda_stream
+        return 0
+    if hasattr(stream, "cuda_stream"):
+        return stream.cuda_stream
+    if isinstance(stream, bool) or not hasattr(stream, "__index__"):
+        raise Error(f"stream must be an int (a cudaStream_t) or a torch.cuda.Stream, got "
+                    f"{type(stream).__name__}")
+    return stream
+
+
+def prepack_device(problem: MoeProblem, *, down: Any, gate: Any = None, up: Any = None,
+                   gate_up: Any = None,
+                   gate_up_layout: Union[str, GateUpLayout] = "separate",
+                   scale_layout: Union[str, ScaleLayout] = "linear",
+                   direction: Union[str, ScaleDirection] = "decode",
+                   gate_bias: Any = None, up_bias: Any = None, gate_up_bias: Any = None,
+                   down_bias: Any = None, input_scale13: Any = None, input_scale2: Any = None,
+                   stream: Any = None) -> DeviceWeights:
+    """Packs checkpoint tensors that are already in GPU memory into DeviceWeights, on the GPU.
+
+    The GPU counterpart of ``upload(problem, prepack(problem, make_weights(...)))``, with the same
+    validation and errors and bitwise the same packed bytes, for tensors loaded straight to the
+    device (torch CUDA tensors or any DLPack producer: CuPy, JAX, ...). The result lives on the
+    tensors' device (all must be on one).
+
+    Each matrix (gate, up, gate_up, down) is a tuple ``(data, scales, global_scale)`` or a dict with
+    those keys; data and scales are either one tensor stacked over the E local experts
+    ``[E, ...]`` or a list of E per-expert tensors, contiguous:
+      data: uint8 [rows, cols/2]; scales: linear [rows, cols/16] uint8 or float8_e4m3fn (nvfp4),
+      [rows, cols/32] uint8 or float8_e8m0fnu (E8M0, mxfp4), or with scale_layout="swizzled_128x4"
+      (nvfp4) the 1-D stream [swizzled_size(rows, cols/16)];
+      global_scale: nvfp4 only, a scalar or E numbers, read in `direction` (ModelOpt weight_scale_2
+      is "decode", compressed-tensors weight_global_scale "encode"); leave it out for mxfp4.
+    gate_up_layout "separate": gate [I, H] (None for relu2) and up [I, H]; "concatenated"
+    (gate rows then up rows, transformers' gate_up_proj) or "interleaved" (even rows gate, odd rows
+    up: gpt-oss): one gate_up [2I, H] with one global scale per expert. down: [H, I].
+    Biases (iff problem.has_bias): float32 or bfloat16, [E, rows] or a list of E [rows] tensors
+    (gate_bias / up_bias [I], gate_up_bias [2I] in the gate_up layout, down_bias [H]).
+    input_scale13 / input_scale2: W4A4 activation scales (decode), a scalar or E numbers.
+    stream: an int cudaStream_t or a torch.cuda.Stream; default: the current torch stream of the
+    tensors' device for torch tensors, else 0. The call synchronizes it (not for graph capture).
+    """
+    if not isinstance(problem, MoeProblem):
+        raise Error(f"problem must be an fp4moe.MoeProblem, got {type(problem).__name__}")
+    problem.validate()
+    E = problem.local_experts()
+    fmt = problem.format
+    f8 = "float8_e4m3fn" if fmt == Format.nvfp4 else "float8_e8m0fnu"
+    mats = {}
+    for name, m in (("gate", gate), ("up", up), ("gate_up", gate_up), ("down", down)):
+        d, s, g = _matrix(m, name)
+        mats[name] = (_device_tensors(d, f"{name}.data"), _device_tensors(s, f"{name}.scales", f8),
+                      _per_expert(g, f"{name}.global_scale", E))
+    biases = {n: _device_tensors(b, n, "bfloat16") for n, b in
+              (("gate_bias", gate_bias), ("up_bias", up_bias), ("gate_up_bias", gate_up_bias),
+               ("down_bias", down_bias))}
+    tensors = [t for m in mats.values() for t in m[:2]] + list(biases.values())
+    return _c.prepack_device(
+        problem, *mats["gate"], *mats["up"], *mats["gate_up"], *mats["down"],
+        biases["gate_bias"], biases["up_bias"], biases["gate_up_bias"], biases["down_bias"],
+        _per_expert(input_scale13, "input_scale13", E), _per_expert(input_scale2, "input_scale2", E),
+        _enum("gate_up_layout", gate_up_layout), _enum("scale_layout", scale_layout),
+        _enum("direction", direction), _stream_int(stream, tensors))
 
 
 class HostWeights:

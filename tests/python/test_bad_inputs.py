@@ -285,6 +285,25 @@ def _cases():
     c["workspace T huge"] = (lambda: fp4moe.workspace_size(problem(tokens=2**61)), Err("too large"))
     c["dlpack needs out"] = (lambda: fp4moe.moe_forward(None, xs(), logits()), Err("the DLPack path needs out"))
     c["to_device bad device"] = (lambda: fp4moe.to_device(problem(), weights(), "cuda:x"), Err("cuda:N"))
+    # prepack_device: every argument check runs before the device is needed
+    def pd(**kw):
+        a = arrays()
+        m = lambda n: (a[n], a[n + "_scales"], 0.01)  # noqa: E731
+        args = dict(gate=m("gate"), up=m("up"), down=m("down"))
+        args.update(kw)
+        return lambda: fp4moe.prepack_device(problem(), **args)
+    c["prepack_device host arrays"] = (pd(), Err("gate.data must be a CUDA tensor"))
+    c["prepack_device stream huge"] = (pd(stream=2**70), Err("stream must be an integer"))
+    c["prepack_device stream float"] = (pd(stream=1.5), Err("stream must be an int"))
+    c["prepack_device matrix not a tuple"] = (pd(up=5), Err("up must be a tuple"))
+    c["prepack_device data not an array"] = (pd(up=("x", np.zeros((E, I, H // 16), np.uint8), 1.0)),
+                                             Err("up.data must be an array"))
+    c["prepack_device empty list"] = (pd(up=([], [], 1.0)), Err("one tensor per local expert \\(4\\), got 0"))
+    c["prepack_device empty array"] = (pd(up=(np.zeros((0,), np.uint8), np.zeros((0,), np.uint8), 1.0)),
+                                       Err("up.data must have shape \\[4, 32, 32\\]"))
+    c["prepack_device global scale count"] = (pd(up=(arrays()["up"], arrays()["up_scales"], [1.0] * 3)),
+                                                 Err("up.global_scale must be a scalar or have shape \\[4\\]"))
+    c["prepack_device layout unknown"] = (pd(gate_up_layout="fused"), Err("unknown gate_up_layout"))
     # checkpoints through the binding
     c["load layer negative"] = (lambda: fp4moe.load_moe_layer("/nonexistent", -1), Err("layer must be >= 0"))
     c["load layer huge"] = (lambda: fp4moe.load_moe_layer("/nonexistent", 2**40), Err("layer must be an integer"))
