@@ -33,7 +33,7 @@ if python3 -c "import torch, nanobind" 2>/dev/null; then
   step "build the Python extension" cmake --build "$pybuild" -j >"$logs/python_build.log" 2>&1
   step "Python GPU tests" env PYTHONPATH="$pybuild/python" FP4MOE_BUILD_DIR="$pybuild" \
     python3 -m pytest -q -rs "$root/tests/python/test_package_gpu.py" "$root/tests/python/test_torch_cpu.py" \
-    "$root/tests/python/test_transformers.py"
+    "$root/tests/python/test_transformers.py" "$root/tests/python/test_prepack_device_gpu.py"
 else
   echo "== Python GPU tests SKIPPED: torch or nanobind not importable"
 fi
