@@ -65,7 +65,7 @@ def classify(op: str) -> str:
     return "other"
 
 
-def find_tool(name: str) -> str:
+def find_tool(name: str, skip_missing: bool = False) -> str:
     path = shutil.which(name)
     if path:
         return path
@@ -80,8 +80,9 @@ def find_tool(name: str) -> str:
     for c in candidates:
         if os.path.isfile(c) and os.access(c, os.X_OK):
             return c
-    sys.exit(f"sass_report: {name} not found (install the CUDA toolkit's, or "
-             f"`pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`)")
+    print(f"sass_report: {name} not found (install the CUDA toolkit's, or "
+          f"`pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`)", file=sys.stderr)
+    sys.exit(77 if skip_missing else 2)
 
 
 def demangle(names):
@@ -193,12 +194,16 @@ def main():
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     ap.add_argument("--all-loops", action="store_true", help="also loops without tensor instructions")
     ap.add_argument("--ops", action="store_true", help="print each loop's most frequent opcodes")
+    ap.add_argument("--max-per-kb", type=float, default=None,
+                    help="exit 1 if a reported loop needs more warp-instructions per KB than this")
+    ap.add_argument("--skip-missing-tool", action="store_true",
+                    help="exit 77 (a skipped test) instead of failing when cuobjdump is not installed")
     args = ap.parse_args()
 
     objs = args.objects or default_objects(args.build)
     if not objs:
         sys.exit(f"sass_report: no CUDA objects under {args.build}/CMakeFiles (build first)")
-    cuobjdump = find_tool("cuobjdump")
+    cuobjdump = find_tool("cuobjdump", args.skip_missing_tool)
     report = []
     for obj in objs:
         sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True)
@@ -244,6 +249,14 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if args.max_per_kb is not None:
+        over = [st for st in report if st["weight_kb"] and st["instructions"] / st["weight_kb"] > args.max_per_kb]
+        for st in over:
+            print(f"sass_report: {st['kernel']} loop {st['loop']}: "
+                  f"{st['instructions'] / st['weight_kb']:.1f} per KB > {args.max_per_kb}", file=sys.stderr)
+        if over:
+            sys.exit(1)
+        print(f"every reported loop within {args.max_per_kb} warp-instructions per KB")
 
 
 if __name__ == "__main__":
