@@ -5,35 +5,15 @@ there (ctest sets FP4MOE_BUILD_DIR), else from the installed package (`pip insta
 here are written from SPEC in NumPy + ml_dtypes, independently of the library.
 """
 
-import os
-import pathlib
-import sys
 
 import numpy as np
 import pytest
+from package_under_test import import_fp4moe
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 
-def _import_fp4moe():
-    build = os.environ.get("FP4MOE_BUILD_DIR")
-    if build:
-        pkg = pathlib.Path(build) / "python"
-        if list((pkg / "fp4moe").glob("_C*")):
-            sys.path.insert(0, str(pkg))
-    try:
-        import fp4moe
-    except ImportError as e:
-        if os.environ.get("FP4MOE_REQUIRE_PACKAGE") == "1":
-            raise  # the caller built and installed it: not finding it is a failure, not a skip
-        if build and list((pathlib.Path(build) / "python" / "fp4moe").glob("_C*")):
-            raise  # the build produced the extension: failing to import it is a bug
-        pytest.skip(f"fp4moe is neither installed nor built in FP4MOE_BUILD_DIR ({e}); build the "
-                    "fp4moe_python target or run `pip install .`", allow_module_level=True)
-    return fp4moe
-
-
-fp4moe = _import_fp4moe()
+fp4moe = import_fp4moe()
 
 F32 = np.float32
 BF16 = ml_dtypes.bfloat16

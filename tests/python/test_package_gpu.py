@@ -5,34 +5,16 @@ Skips (with the reason) without PyTorch, without a CUDA device, or without a Hop
 package is found as in test_package_cpu.py: FP4MOE_BUILD_DIR/python first, then the installed one.
 """
 
-import os
-import pathlib
-import sys
 
 import numpy as np
 import pytest
+from package_under_test import import_fp4moe
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 
-def _import_fp4moe():
-    build = os.environ.get("FP4MOE_BUILD_DIR")
-    if build:
-        pkg = pathlib.Path(build) / "python"
-        if list((pkg / "fp4moe").glob("_C*")):
-            sys.path.insert(0, str(pkg))
-    try:
-        import fp4moe
-    except ImportError as e:
-        if os.environ.get("FP4MOE_REQUIRE_PACKAGE") == "1":
-            raise  # the caller built and installed it: not finding it is a failure, not a skip
-        pytest.skip(f"fp4moe is neither installed nor built in FP4MOE_BUILD_DIR ({e})",
-                    allow_module_level=True)
-    return fp4moe
-
-
-fp4moe = _import_fp4moe()
+fp4moe = import_fp4moe()
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device visible to PyTorch", allow_module_level=True)

@@ -6,35 +6,15 @@ that passes them is refused as not being a CUDA tensor. The GPU half (bitwise ag
 prepack, NaN scales) is tests/python/test_prepack_device_gpu.py.
 """
 
-import os
-import pathlib
-import sys
 
 import numpy as np
 import pytest
+from package_under_test import import_fp4moe
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 
-def _import_fp4moe():
-    build = os.environ.get("FP4MOE_BUILD_DIR")
-    if build:
-        pkg = pathlib.Path(build) / "python"
-        if list((pkg / "fp4moe").glob("_C*")):
-            sys.path.insert(0, str(pkg))
-    try:
-        import fp4moe
-    except ImportError as e:
-        if os.environ.get("FP4MOE_REQUIRE_PACKAGE") == "1":
-            raise
-        if build and list((pathlib.Path(build) / "python" / "fp4moe").glob("_C*")):
-            raise
-        pytest.skip(f"fp4moe is neither installed nor built in FP4MOE_BUILD_DIR ({e}); build the "
-                    "fp4moe_python target or run `pip install .`", allow_module_level=True)
-    return fp4moe
-
-
-fp4moe = _import_fp4moe()
+fp4moe = import_fp4moe()
 
 E, H, I = 4, 128, 64
 

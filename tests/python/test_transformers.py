@@ -26,36 +26,17 @@ those outputs (transformers' MoE blocks in the oracle, fp4moe's replacements in 
 import contextlib
 import copy
 import json
-import os
-import pathlib
-import sys
 import zlib
 
 import numpy as np
 import pytest
+from package_under_test import import_fp4moe
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 
-def _import_fp4moe():
-    build = os.environ.get("FP4MOE_BUILD_DIR")
-    if build:
-        pkg = pathlib.Path(build) / "python"
-        if list((pkg / "fp4moe").glob("_C*")):
-            sys.path.insert(0, str(pkg))
-    try:
-        import fp4moe
-        import fp4moe.transformers
-    except ImportError as e:
-        if os.environ.get("FP4MOE_REQUIRE_PACKAGE") == "1":
-            raise
-        pytest.skip(f"fp4moe is neither installed nor built in FP4MOE_BUILD_DIR ({e})",
-                    allow_module_level=True)
-    return fp4moe
-
-
-fp4moe = _import_fp4moe()
+fp4moe = import_fp4moe("transformers")
 
 H, I, E, VOCAB = 64, 32, 8, 96
 
