@@ -15,7 +15,7 @@ namespace {
 
 float bf16_bits(uint32_t b) { return bf16_to_float(uint16_t(b)); }
 
-// The kernels' pair decode (layout.h, called by e2m1_pair<P>); scale_bits mirrors scale_pairs<F>.
+// The kernels' pair decode (unpack_pair in layout.h, called by dequant_word); scale_bits mirrors scale_pairs<F>.
 uint32_t pair_bits(uint32_t w, int p) { return unpack_pair(w, p); }
 uint32_t scale_bits(uint8_t b, Format f) { return f == Format::nvfp4 ? (uint32_t(b) << 4) + 0x7300u : uint32_t(b) << 7; }
 

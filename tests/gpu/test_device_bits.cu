@@ -22,10 +22,10 @@ __global__ void policy_kernel(uint64_t* out) {
 __global__ void unpack_kernel(const uint32_t* w, uint32_t* out, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  out[4 * i + 0] = kernels::e2m1_pair<0>(w[i]);
-  out[4 * i + 1] = kernels::e2m1_pair<1>(w[i]);
-  out[4 * i + 2] = kernels::e2m1_pair<2>(w[i]);
-  out[4 * i + 3] = kernels::e2m1_pair<3>(w[i]);
+  out[4 * i + 0] = unpack_pair<0>(w[i]);
+  out[4 * i + 1] = unpack_pair<1>(w[i]);
+  out[4 * i + 2] = unpack_pair<2>(w[i]);
+  out[4 * i + 3] = unpack_pair<3>(w[i]);
 }
 
 #define SKIP_WITHOUT_GPU()                                 \

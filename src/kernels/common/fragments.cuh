@@ -16,12 +16,6 @@
 
 namespace fp4moe::kernels {
 
-// Pair p of a packed word as a bf16x2 holding e2m1 * 2^-126 (layout.h: unpack_pair).
-template <int P>
-__device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
-  return unpack_pair<P>(w);
-}
-
 // bf16 block-scale multipliers of rows g (lo) and g + 8 (hi), both halves equal, from the lane's two
 // packed scale bytes: one byte permute and one multiply-add each.
 template <Format F>
@@ -45,10 +39,10 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
 // A fragment of step j from the packed word: a0 (row g, k 2q..), a1 (row g+8), a2 (row g, k 2q+8..),
 // a3 (row g+8, k 2q+8..), each multiplied by its row's scale.
 __device__ __forceinline__ void dequant_word(uint32_t w, uint32_t s_lo, uint32_t s_hi, uint32_t a[4]) {
-  a[0] = bf16x2_mul(e2m1_pair<0>(w), s_lo);
-  a[1] = bf16x2_mul(e2m1_pair<1>(w), s_hi);
-  a[2] = bf16x2_mul(e2m1_pair<2>(w), s_lo);
-  a[3] = bf16x2_mul(e2m1_pair<3>(w), s_hi);
+  a[0] = bf16x2_mul(unpack_pair<0>(w), s_lo);
+  a[1] = bf16x2_mul(unpack_pair<1>(w), s_hi);
+  a[2] = bf16x2_mul(unpack_pair<2>(w), s_lo);
+  a[3] = bf16x2_mul(unpack_pair<3>(w), s_hi);
 }
 
 // The lane's four A fragments (k16 steps 0..3) of one packed (m-tile, k-tile): its 16 weight bytes

@@ -88,7 +88,7 @@ __device__ __forceinline__ Lists lists_view(const DecodeParams& p, uint8_t* smem
 
 // Builds the lists in shared memory (read them afterwards through lists_view).
 __device__ inline void build_lists(const DecodeParams& p, uint8_t* smem) {
-  Lists ls = lists_view(p, smem);
+  Lists ls = lists_view(p, smem);  // its counts are not written yet (dead loads, removed by the compiler)
   const SmemLayout sl = SmemLayout::make(p.num_local, p.T * p.k, p.E);
   int* misc = reinterpret_cast<int*>(smem + sl.misc_off);
   const int nslots = p.T * p.k;
@@ -320,47 +320,43 @@ __device__ __forceinline__ void gemm1_epilogue(const DecodeParams& p, const List
   const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
   const int b = task % L.i_blocks, e = ls.active[task / L.i_blocks];
   const int s0 = ls.start[e], np = min(ls.cnt[e] - pass, 8);
-  {
-    {
-      const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
-      const float* b13 = p.L.has_bias ? reinterpret_cast<const float*>(p.wts + L.b13_off) + e * L.b13_expert_floats() : nullptr;
-      const int half = 16 * L.i_blocks;
-      const float in13 = W4A4 ? ms.in13 : 1.0f;
+  const MatrixScales ms = *reinterpret_cast<const MatrixScales*>(p.wts + L.scales_off + e * sizeof(MatrixScales));
+  const float* b13 = p.L.has_bias ? reinterpret_cast<const float*>(p.wts + L.b13_off) + e * L.b13_expert_floats() : nullptr;
+  const int half = 16 * L.i_blocks;
+  const float in13 = W4A4 ? ms.in13 : 1.0f;
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int colx = 2 * q + c;
-        const bool valid = colx < np;
-        const int slot = valid ? ls.slots[s0 + pass + colx] : 0;
-        const float wtok = (valid && p.method == RoutingMethod::llama4) ? ls.tw[slot] : 1.0f;
-        float av[2];
-        int iv[2];
+  for (int c = 0; c < 2; ++c) {
+    const int colx = 2 * q + c;
+    const bool valid = colx < np;
+    const int slot = valid ? ls.slots[s0 + pass + colx] : 0;
+    const float wtok = (valid && p.method == RoutingMethod::llama4) ? ls.tw[slot] : 1.0f;
+    float av[2];
+    int iv[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int i = 16 * b + 8 * h + g;
-          float gate = 0.0f, up;
-          if constexpr (GATED) {
-            gate = acc[h][c] * ms.gate * in13 * wtok + (b13 ? b13[i] : 0.0f);
-            up = acc[h][2 + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
-          } else {
-            up = acc[0][2 * h + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
-          }
-          iv[h] = i;
-          av[h] = __bfloat162float(__float2bfloat16_rn(activation(p.act_kind, p.alpha, p.limit, gate, up)));
-        }
-        if constexpr (W4A4) {
-          float amax = fmaxf(fabsf(av[0]), fabsf(av[1]));
-          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 8));
-          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
-          const float sb = nvfp4_block_scale(amax, ms.in2), denom = sb * ms.in2;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) av[h] = e2m1_round(av[h] / denom) * sb;
-        }
-        if (valid) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) p.act[int64_t(slot) * L.i_pad + iv[h]] = __float2bfloat16_rn(av[h]);
-        }
+    for (int h = 0; h < 2; ++h) {
+      const int i = 16 * b + 8 * h + g;
+      float gate = 0.0f, up;
+      if constexpr (GATED) {
+        gate = acc[h][c] * ms.gate * in13 * wtok + (b13 ? b13[i] : 0.0f);
+        up = acc[h][2 + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
+      } else {
+        up = acc[0][2 * h + c] * ms.up * in13 * wtok + (b13 ? b13[half + i] : 0.0f);
       }
+      iv[h] = i;
+      av[h] = __bfloat162float(__float2bfloat16_rn(activation(p.act_kind, p.alpha, p.limit, gate, up)));
+    }
+    if constexpr (W4A4) {
+      float amax = fmaxf(fabsf(av[0]), fabsf(av[1]));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 8));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
+      const float sb = nvfp4_block_scale(amax, ms.in2), denom = sb * ms.in2;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) av[h] = e2m1_round(av[h] / denom) * sb;
+    }
+    if (valid) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) p.act[int64_t(slot) * L.i_pad + iv[h]] = __float2bfloat16_rn(av[h]);
     }
   }
 }
@@ -403,7 +399,6 @@ __device__ inline void gemm1(const DecodeParams& p, uint8_t* smem, float* red) {
     }
   }
 }
-
 
 // ---- phase 2: GEMM2 -------------------------------------------------------------------------------
 // Task = (work row: an expert and up to 8 of its slots, 32 rows of H), the same team GEMM as phase 1.
