@@ -100,8 +100,8 @@ constexpr CrossoverEntry kCrossover[] = {
      "measured on an H200, 2026-12-04 (BENCHMARKS.md, crossover): decode 1.07-1.33x faster at T = 96 and 128 "
      "(two launches) on all four headline presets, prefill faster from T = 192; T = 129..191 not measured"},
     {"H100", 65,
-     "measured on an H100 before the 8-op decode loop (decode 1.5-2.0x faster at T <= 64, prefill from T = 96 "
-     "on the H200 of 2026-12-02); not re-measured on an H100"},
+     "not measured on an H100: the H200's switch point before the 8-op decode loop (2026-12-02: decode 1.5-2.0x "
+     "faster at T <= 64, prefill from T = 96)"},
 };
 
 }  // namespace
@@ -121,7 +121,7 @@ namespace {
 // of about eight k-tiles: the first loads' latency, the team reduction and the epilogue), taken at
 // T = 1 plus a fifth of it at T = 64 (uniform routing), so that a long K range per warp, which
 // streams best once there are many tasks, is not given up for the last microsecond at T = 1.
-// NOTES: fitted on the H200 (2026-12-04, PERFLOG.md v11): with the 8-op loop the best splits were
+// NOTES: fitted on the H200 (2026-12-04, PERFLOG.md v13): with the 8-op loop the best splits were
 // 2/1 (qwen3-30b-a3b, qwen3-235b-a22b, deepseek-v3) and 2/2 (gpt-oss-120b) by the sum of the T = 1, 8
 // and 64 ratios; the earlier model (fixed cost 3, T = 1 only) picked 4/4, 8/2 and 2/4 for the first three.
 int pick_team(int64_t tasks1, int64_t tasks64, int64_t tiles_per_task, int blocks) {

@@ -27,3 +27,12 @@ def import_fp4moe(*submodules: str):
         pytest.skip(f"fp4moe is neither installed nor built in FP4MOE_BUILD_DIR ({e}); build the "
                     "fp4moe_python target or run `pip install .`", allow_module_level=True)
     return fp4moe
+
+
+def require_gpu(fp4moe, torch):
+    """A module-level skip, saying why, unless PyTorch sees a CUDA device and fp4moe's GPU path runs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible to PyTorch", allow_module_level=True)
+    if not fp4moe.gpu_available():
+        pytest.skip(f"fp4moe GPU path unavailable: {fp4moe.gpu_unavailable_reason()}",
+                    allow_module_level=True)

@@ -8,7 +8,7 @@ package is found as in test_package_cpu.py: FP4MOE_BUILD_DIR/python first, then 
 
 import numpy as np
 import pytest
-from package_under_test import import_fp4moe
+from package_under_test import import_fp4moe, require_gpu
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -16,11 +16,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 
 fp4moe = import_fp4moe()
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device visible to PyTorch", allow_module_level=True)
-if not fp4moe.gpu_available():
-    pytest.skip(f"fp4moe GPU path unavailable: {fp4moe.gpu_unavailable_reason()}",
-                allow_module_level=True)
+require_gpu(fp4moe, torch)
 
 DEV = torch.device("cuda", torch.cuda.current_device())
 E2M1_VALUES = [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6]

@@ -11,7 +11,7 @@ is found as in test_package_cpu.py: FP4MOE_BUILD_DIR/python first, then the inst
 
 import numpy as np
 import pytest
-from package_under_test import import_fp4moe
+from package_under_test import import_fp4moe, require_gpu
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -19,11 +19,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 
 fp4moe = import_fp4moe()
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device visible to PyTorch", allow_module_level=True)
-if not fp4moe.gpu_available():
-    pytest.skip(f"fp4moe GPU path unavailable: {fp4moe.gpu_unavailable_reason()}",
-                allow_module_level=True)
+require_gpu(fp4moe, torch)
 
 from prepack_device_cases import CASES, checkpoint, problem, tensor  # noqa: E402
 from prepack_device_cases import device_prepack as _device_prepack  # noqa: E402
