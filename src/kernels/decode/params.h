@@ -57,7 +57,9 @@ struct SmemLayout {
     s.scratch_off = off;
     int routing = kDecodeWarps * 2 * E * 4;
     int gemm = kDecodeWarps * 2 * 4 * 32 * 4;  // team reduction: [warp][m-tile][4][lane]
+    int lists = kDecodeWarps * num_local * 4;  // per-warp expert counts while the lists are built
     int m = routing > gemm ? routing : gemm;
+    m = m > lists ? m : lists;
     s.total = off + m;
     return s;
   }
